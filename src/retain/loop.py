@@ -1,0 +1,257 @@
+"""The one training and evaluation loop, read top to bottom.
+
+    load model and stream -> strategy.setup -> score base model (b)
+    for each phase (a task, or all tasks for joint):
+        strategy.before_task
+        for step in range(max_steps * len(phase)):
+            batch <- strategy.batches(...)           (replay mixing)
+            loss = LM loss + strategy.extra_loss     (EWC, distillation)
+            backward, clip, optimizer step
+        strategy.after_task                          (save adapters, fill memory)
+        score every task and the probe -> a row of R
+        checkpoint
+    strategy.export -> results.json -> report
+"""
+
+from __future__ import annotations
+
+import random
+import resource
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import yaml
+from accelerate import Accelerator
+from transformers import get_scheduler
+
+from retain import checkpoint
+from retain.config import RunConfig, validate_config
+from retain.errors import RetainError
+from retain.evaluation.scoring import encode_pair, score_task, work_units
+from retain.io import atomic_write_text
+from retain.models import load_model
+from retain.streams import Item, Stream, Task, build_stream
+from retain.strategies import Context, StrategyStack
+from retain.ui import UI
+
+
+def collate(tokenizer, items: list[Item], max_length: int) -> dict[str, torch.Tensor]:
+    """Right-padded ids with labels only on the target tokens (prompt and padding are -100)."""
+    rows = []
+    for item in items:
+        ids, n_target = encode_pair(tokenizer, item.prompt, item.target + tokenizer.eos_token, max_length)
+        rows.append((ids, n_target))
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    for r, (ids, n) in enumerate(rows):
+        input_ids[r, : len(ids)] = torch.tensor(ids)
+        attention[r, : len(ids)] = 1
+        labels[r, len(ids) - n : len(ids)] = torch.tensor(ids[len(ids) - n :])
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+def batch_stream(items: list[Item], batch_size: int, rng: random.Random) -> Iterator[list[Item]]:
+    """Endless shuffled epochs over ``items``."""
+    while True:
+        order = items[:]
+        rng.shuffle(order)
+        # Full batches only (the remainder is reshuffled into the next epoch).
+        for b in range(max(len(order) // batch_size, 1)):
+            yield order[b * batch_size : (b + 1) * batch_size]
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+class Run:
+    """A run directory being filled; holds what the checkpoint records."""
+
+    def __init__(self, config: RunConfig, run_dir: Path, ui: UI) -> None:
+        self.config, self.run_dir, self.ui = config, run_dir, ui
+        self.state: dict[str, Any] = {
+            "completed_phases": 0, "base": None, "base_probe": None, "R": [], "probe": [],
+            "phases": [], "timings": [], "trained_keys": [], "strategy": {},
+        }
+
+    # -- evaluation -----------------------------------------------------------------
+    def evaluate(self, ctx: Context, stack: StrategyStack, label: str) -> tuple[list[float], float | None]:
+        stream, cfg = ctx.stream, self.config.eval
+        tasks = stream.tasks + ([stream.probe] if stream.probe else [])
+        total = sum(work_units(t, len(t.test)) for t in tasks)
+        scores: list[float] = []
+        probe = None
+        with self.ui.bar(total, f"eval {label}") as advance:
+            for task in tasks:
+                is_probe = task is stream.probe
+                with stack.route(ctx, None if is_probe else task.name):
+                    value = score_task(ctx.model, ctx.tokenizer, task, batch_size=cfg.batch_size,
+                                       max_new_tokens=cfg.max_new_tokens, advance=advance)
+                if is_probe:
+                    probe = value
+                else:
+                    scores.append(value)
+        return scores, probe
+
+    # -- training -------------------------------------------------------------------
+    def train_phase(self, ctx: Context, stack: StrategyStack, tasks: list[Task], phase: int) -> dict[str, Any]:
+        cfg = self.config.train
+        seed = self.config.seed * 1000 + phase
+        torch.manual_seed(seed)
+        rng = random.Random(seed)
+        stack.before_task(ctx, tasks)
+        params = stack.trainable_parameters(ctx)
+        if not params:
+            raise RetainError(f"strategy '{stack.name}' left no trainable parameters for phase {phase}")
+        ids = {id(p) for p in params}
+        keys = [n for n, p in ctx.model.named_parameters() if id(p) in ids]
+        self.state["trained_keys"] = sorted(set(self.state["trained_keys"]) | set(keys))
+
+        steps = cfg.max_steps * len(tasks)
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=cfg.warmup_steps)
+        optimizer, scheduler = ctx.accelerator.prepare(optimizer, scheduler)
+        items = [item for task in tasks for item in task.items(ctx.tokenizer)]
+        batches = stack.batches(ctx, tasks, batch_stream(items, cfg.batch_size, rng))
+        model = ctx.model
+        model.train()
+        tokens, losses = 0, []
+        start = time.perf_counter()
+        label = "+".join(t.name for t in tasks)
+        with self.ui.bar(steps, f"train {label}") as advance:
+            for _, items_batch in zip(range(steps), batches):
+                batch = collate(ctx.tokenizer, items_batch, cfg.max_length)
+                batch = {k: v.to(ctx.accelerator.device) for k, v in batch.items()}
+                with ctx.accelerator.autocast():
+                    outputs = model(**batch)
+                    loss = outputs.loss
+                    extra = stack.extra_loss(ctx, batch, outputs)
+                    if extra is not None:
+                        loss = loss + extra
+                ctx.accelerator.backward(loss)
+                if cfg.max_grad_norm:
+                    ctx.accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                tokens += int(batch["attention_mask"].sum())
+                losses.append(loss.item())
+                advance(1, f"loss {losses[-1]:.3f}")
+        seconds = time.perf_counter() - start
+        model.eval()
+        stack.after_task(ctx, tasks)
+        return {
+            "phase": phase, "tasks": [t.name for t in tasks], "steps": steps, "train_s": round(seconds, 3),
+            "tokens": tokens, "tokens_per_s": round(tokens / seconds, 1) if seconds else None,
+            "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+        }
+
+    def checkpoint(self, ctx: Context, stack: StrategyStack) -> None:
+        self.state["strategy"] = stack.state_dict()
+        checkpoint.save(self.run_dir, self.state, ctx.accelerator.unwrap_model(ctx.model), self.state["trained_keys"])
+
+
+def prepare(config: RunConfig, ui: UI) -> tuple[Context, StrategyStack]:
+    """Everything that can fail on bad input, before a run directory is touched."""
+    stream = build_stream(config)
+    stack = StrategyStack.from_config(config)
+    ui.info(f"loading model [bold]{config.model}[/bold]")
+    model, tokenizer = load_model(config.model, trust_remote_code=config.trust_remote_code, seed=config.seed)
+    cpu = config.train.device == "cpu" or not torch.cuda.is_available()
+    accelerator = Accelerator(cpu=cpu, mixed_precision=config.train.precision)
+    ctx = Context(config=config, model=model, tokenizer=tokenizer, accelerator=accelerator, stream=stream)
+    torch.manual_seed(config.seed)
+    try:
+        stack.setup(ctx)
+    except ValueError as exc:
+        raise RetainError(f"strategy '{stack.name}': {exc}") from None
+    ctx.model = accelerator.prepare_model(ctx.model)
+    return ctx, stack
+
+
+def run_dir_for(config: RunConfig) -> Path:
+    return Path(config.output_dir) / config.name
+
+
+def execute(config: RunConfig, *, run_dir: Path | None = None, resume: bool = False, quiet: bool = False,
+            overwrite: bool = False) -> dict[str, Any]:
+    """Run (or resume) a whole stream and write the run directory. Returns results.json's content."""
+    from retain.reporting import finalize
+
+    ui = UI(quiet)
+    run_dir = Path(run_dir) if run_dir else run_dir_for(config)
+    if not resume and run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise RetainError(
+                f"run directory {run_dir} already exists; resume it with `retain run --resume {run_dir}`, "
+                "pick another name (name=...), or pass --overwrite"
+            )
+    ctx, stack = prepare(config, ui)
+    if not resume and run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ctx.run_dir = run_dir
+    run = Run(config, run_dir, ui)
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config.resolved(), sort_keys=False))
+
+    saved = checkpoint.load_state(run_dir) if resume else None
+    if saved:
+        run.state = saved
+        stack.load_state_dict(ctx, saved["strategy"])
+        checkpoint.restore_tensors(run_dir, ctx.accelerator.unwrap_model(ctx.model), saved["trained_keys"])
+        ui.info(f"resuming {run_dir} after {saved['completed_phases']} completed phase(s)")
+    started = time.perf_counter()
+    if run.state["base"] is None:
+        run.state["base"], run.state["base_probe"] = run.evaluate(ctx, stack, "base model")
+        run.checkpoint(ctx, stack)
+
+    phases = stack.plan(ctx.stream.tasks)
+    for phase, tasks in enumerate(phases):
+        if phase < run.state["completed_phases"]:
+            continue
+        ctx.phase = phase
+        ui.info(f"[bold]phase {phase + 1}/{len(phases)}[/bold]: {', '.join(t.name for t in tasks)}")
+        timing = run.train_phase(ctx, stack, tasks, phase)
+        eval_start = time.perf_counter()
+        row, probe = run.evaluate(ctx, stack, f"after {timing['tasks'][-1]}")
+        timing["eval_s"] = round(time.perf_counter() - eval_start, 3)
+        run.state["R"].append(row)
+        run.state["probe"].append(probe)
+        run.state["phases"].append(timing["tasks"])
+        run.state["timings"].append(timing)
+        run.state["completed_phases"] = phase + 1
+        run.state["peak_memory_mb"] = max(run.state.get("peak_memory_mb", 0), round(peak_memory_mb(), 1))
+        run.checkpoint(ctx, stack)
+        ui.info("  " + "  ".join(f"{n}={v:.1f}" for n, v in zip(ctx.stream.task_names, row))
+                + (f"  probe={probe:.1f}" if probe is not None else ""))
+    run.state["wall_s"] = round(run.state.get("wall_s", 0) + time.perf_counter() - started, 3)
+    stack.export(ctx, run_dir)
+    return finalize(run_dir, config, ctx.stream, run.state)
+
+
+def load_run_config(run_dir: Path) -> RunConfig:
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise RetainError(f"{run_dir} is not a run directory (no config.yaml)")
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    return validate_config(data, source=str(path))
+
+
+def restore(run_dir: Path) -> tuple[Context, StrategyStack]:
+    """Rebuild a finished run's model (base + trained tensors + adapters) for generation."""
+    config = load_run_config(run_dir)
+    ctx, stack = prepare(config, UI(quiet=True))
+    ctx.run_dir = run_dir
+    saved = checkpoint.load_state(run_dir)
+    if not saved:
+        raise RetainError(f"{run_dir} has no checkpoint to restore")
+    stack.load_state_dict(ctx, saved["strategy"])
+    checkpoint.restore_tensors(run_dir, ctx.accelerator.unwrap_model(ctx.model), saved["trained_keys"])
+    return ctx, stack

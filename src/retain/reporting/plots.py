@@ -1,0 +1,52 @@
+"""Matplotlib figures of a run: the accuracy-matrix heatmap and per-task curves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from retain.io import atomic_write  # noqa: E402
+
+
+def _save(fig, path: Path) -> Path:
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+    plt.close(fig)
+    return path
+
+
+def heatmap(results: dict[str, Any], path: Path) -> Path:
+    tasks, R = results["tasks"], results["R"]
+    rows = [results["base"]] + R
+    labels = ["base"] + ["after " + "+".join(p) if len(p) > 1 else f"after {p[0]}" for p in results["phases"]]
+    fig, ax = plt.subplots(figsize=(1.3 * len(tasks) + 2.5, 0.55 * len(rows) + 1.5))
+    im = ax.imshow(rows, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
+    ax.set_yticks(range(len(rows)), labels)
+    for i, row in enumerate(rows):
+        for j, v in enumerate(row):
+            ax.text(j, i, f"{v:.1f}", ha="center", va="center", color="white" if v < 60 else "black", fontsize=8)
+    ax.set_title(f"{results['name']}: score R[i][j]")
+    fig.colorbar(im, ax=ax)
+    return _save(fig, path)
+
+
+def curves(results: dict[str, Any], path: Path) -> Path:
+    tasks, R = results["tasks"], results["R"]
+    x = list(range(len(R) + 1))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for j, name in enumerate(tasks):
+        ax.plot(x, [results["base"][j]] + [row[j] for row in R], marker="o", label=name)
+    probe = results.get("probe")
+    if probe:
+        ax.plot(x, [probe["base"]] + probe["after_phase"], "k--", marker="s", label="probe")
+    ax.set_xticks(x, ["base"] + [f"+{'+'.join(p)}" for p in results["phases"]], rotation=30, ha="right")
+    ax.set_ylabel("score")
+    ax.set_title(f"{results['name']}: scores after each phase")
+    ax.legend(fontsize=8, loc="best")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)

@@ -1,0 +1,113 @@
+"""report.md and a self-contained report.html, built from results.json alone."""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+from typing import Any
+
+from retain.io import atomic_write_text
+from retain.reporting import plots
+
+
+def fmt(x: float | None, nd: int = 1, signed: bool = False) -> str:
+    if x is None:
+        return "n/a"
+    return f"{x:+.{nd}f}" if signed else f"{x:.{nd}f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return lines
+
+
+def metric_rows(results: dict[str, Any]) -> list[list[str]]:
+    m, probe = results["metrics"], results.get("probe") or {}
+    return [[
+        fmt(m.get("AA")), fmt(m.get("BWT"), signed=True), fmt(m.get("FWT"), signed=True), fmt(m.get("FM")),
+        fmt(probe.get("base")), fmt((probe.get("after_phase") or [None])[-1]), fmt(probe.get("retention")),
+        fmt(results.get("wall_s"), 0),
+    ]]
+
+
+METRIC_HEADER = ["AA", "BWT", "FWT", "FM", "probe base", "probe final", "probe retained %", "wall s"]
+
+
+def markdown(results: dict[str, Any], images: dict[str, str]) -> str:
+    tasks = results["tasks"]
+    lines = [
+        f"# {results['name']}", "",
+        f"model `{results['model']}` · strategy `{results['strategy']}` · stream `{results['stream']}` · "
+        f"seed {results['seed']}", "",
+        "## Metrics", "",
+        *_table(METRIC_HEADER, metric_rows(results)), "",
+        "AA: mean final score. BWT: final minus just-learned score (negative = forgetting). "
+        "FWT: score on a task before training on it, minus the base model's. FM: mean drop from the best "
+        "earlier score. Probe: general-ability questions the base model answered.", "",
+        "## Accuracy matrix R[i][j] (row: after training phase i; column: task j)", "",
+    ]
+    rows = [["base"] + [fmt(v) for v in results["base"]]]
+    rows += [["after " + "+".join(p)] + [fmt(v) for v in row] for p, row in zip(results["phases"], results["R"])]
+    lines += _table(["", *tasks], rows) + [""]
+    lines += ["## Timing", ""]
+    lines += _table(
+        ["phase", "steps", "train s", "eval s", "tokens/s", "loss first", "loss last"],
+        [["+".join(t["tasks"]), str(t["steps"]), fmt(t["train_s"]), fmt(t.get("eval_s")), fmt(t["tokens_per_s"], 0),
+          fmt(t["loss_first"], 3), fmt(t["loss_last"], 3)] for t in results["timings"]],
+    )
+    lines += ["", f"Peak memory: {fmt(results.get('peak_memory_mb'), 0)} MB. "
+              f"Training throughput: {fmt(results.get('train_tokens_per_s'), 0)} tokens/s.", ""]
+    for title, rel in images.items():
+        lines += [f"![{title}]({rel})", ""]
+    return "\n".join(lines)
+
+
+def to_html(md: str, run_dir: Path, title: str) -> str:
+    """A minimal Markdown-to-HTML for the report's own subset (headings, tables, images)."""
+    body, table = [], []
+
+    def flush() -> None:
+        if table:
+            head, *rest = table
+            body.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr>")
+            body.extend("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rest)
+            body.append("</table>")
+            table.clear()
+
+    for line in md.splitlines():
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if not all(set(c) <= {"-"} for c in cells):
+                table.append(cells)
+            continue
+        flush()
+        if line.startswith("## "):
+            body.append(f"<h2>{html.escape(line[3:])}</h2>")
+        elif line.startswith("# "):
+            body.append(f"<h1>{html.escape(line[2:])}</h1>")
+        elif line.startswith("!["):
+            alt, rel = line[2:].split("](", 1)
+            data = base64.b64encode((run_dir / rel.rstrip(")")).read_bytes()).decode()
+            body.append(f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">')
+        elif line.strip():
+            body.append(f"<p>{html.escape(line).replace('`', '')}</p>")
+    flush()
+    style = ("body{font-family:sans-serif;max-width:980px;margin:2em auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}img{max-width:100%}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+
+
+def write_report(run_dir: str | Path, results: dict[str, Any]) -> Path:
+    run_dir = Path(run_dir)
+    images = {}
+    if results["R"]:
+        plots.heatmap(results, run_dir / "plots" / "accuracy_matrix.png")
+        plots.curves(results, run_dir / "plots" / "curves.png")
+        images = {"accuracy matrix": "plots/accuracy_matrix.png", "scores after each phase": "plots/curves.png"}
+    md = markdown(results, images)
+    atomic_write_text(run_dir / "report.md", md)
+    atomic_write_text(run_dir / "report.html", to_html(md, run_dir, results["name"]))
+    return run_dir / "report.md"

@@ -1,0 +1,218 @@
+"""The strategy plugin contract, the registry, and the stack that composes strategies.
+
+A strategy overrides only the hooks it needs; every hook has a do-nothing default. The
+loop calls the hooks through a ``StrategyStack``, so ``lora+replay`` is two plugins, not
+a third class.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, ContextManager, Iterator
+
+import torch
+from pydantic import BaseModel
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from retain.config import RunConfig
+    from retain.streams.task import Item, Stream, Task
+
+
+@dataclass
+class Context:
+    """What hooks may read. ``model`` is replaced only through the ``setup`` hook's return value."""
+
+    config: "RunConfig"
+    model: torch.nn.Module
+    tokenizer: Any
+    accelerator: "Accelerator"
+    stream: "Stream"
+    run_dir: Path | None = None
+    phase: int = -1
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class Strategy:
+    """Base class of every method: all hooks are optional."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    #: Config section holding this strategy's options (``None``: no options).
+    options_key: ClassVar[str | None] = None
+    Options: ClassVar[type[BaseModel] | None] = None
+    #: True for strategies that decide which weights train (naive, lora, ...); a stack has one.
+    owns_parameters: ClassVar[bool] = False
+    #: Names of strategies this one cannot be combined with.
+    incompatible: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, options: BaseModel | None = None) -> None:
+        self.options = options
+
+    def setup(self, ctx: Context) -> torch.nn.Module | None:
+        """Once, before the base evaluation. Return a replacement model (e.g. a PEFT wrapper)."""
+        return None
+
+    def plan(self, tasks: list["Task"]) -> list[list["Task"]] | None:
+        """Group tasks into training phases (``joint``: one phase of all tasks)."""
+        return None
+
+    def before_task(self, ctx: Context, tasks: list["Task"]) -> None:
+        """Before a phase trains: add or switch adapters, snapshot a teacher."""
+
+    def trainable_parameters(self, ctx: Context) -> list[torch.nn.Parameter] | None:
+        """The parameters the optimizer updates in this phase (default: those requiring grad)."""
+        return None
+
+    def batches(self, ctx: Context, tasks: list["Task"], batches: Iterator[list["Item"]]) -> Iterator[list["Item"]]:
+        """Change what the model sees (replay mixing)."""
+        return batches
+
+    def extra_loss(self, ctx: Context, batch: dict[str, torch.Tensor], outputs: Any) -> torch.Tensor | None:
+        """A term added to the language-modelling loss (EWC penalty, distillation)."""
+        return None
+
+    def after_task(self, ctx: Context, tasks: list["Task"]) -> None:
+        """After a phase trains, before it is evaluated: save adapters, fill memories."""
+
+    def route(self, ctx: Context, task: str | None) -> ContextManager | None:
+        """A context under which ``task`` is scored (``None``: the probe); None keeps the model as is."""
+        return None
+
+    def export(self, ctx: Context, run_dir: Path) -> None:
+        """At the end of the stream: write artifacts a server can load."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serializable state a resumed run needs (tensors go through the model checkpoint)."""
+        return {}
+
+    def load_state_dict(self, ctx: Context, state: dict[str, Any]) -> None:
+        """Restore ``state_dict()``, re-creating any model structure it describes."""
+
+
+_REGISTRY: dict[str, type[Strategy]] = {}
+
+
+def register(cls: type[Strategy]) -> type[Strategy]:
+    """Class decorator: make a strategy available by its ``name``."""
+    if not cls.name:
+        raise TypeError(f"{cls.__name__} needs a 'name'")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise TypeError(f"strategy name '{cls.name}' is registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def registry() -> dict[str, type[Strategy]]:
+    from retain.strategies import _discover
+
+    _discover()
+    return dict(_REGISTRY)
+
+
+def option_models() -> dict[str, type[BaseModel]]:
+    """Config sections of every registered strategy, by key."""
+    return {cls.options_key: cls.Options for cls in registry().values() if cls.options_key and cls.Options}
+
+
+def parse_strategy(spec: str) -> list[type[Strategy]]:
+    """Classes named by ``a+b+c``, with ``naive`` added when none decides which weights train."""
+    known = registry()
+    names = [part.strip() for part in spec.split("+")]
+    if not all(names):
+        raise ValueError(f"strategy '{spec}' has an empty part; join names with '+', e.g. lora+replay")
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown strategy '{unknown[0]}'; valid: {', '.join(sorted(known))}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"strategy '{spec}' names a method twice")
+    classes = [known[n] for n in names]
+    owners = [c.name for c in classes if c.owns_parameters]
+    if len(owners) > 1:
+        raise ValueError(f"strategies {' and '.join(owners)} both decide which weights train; keep one")
+    for c in classes:
+        clash = c.incompatible & set(names)
+        if clash:
+            raise ValueError(f"strategy '{c.name}' cannot be combined with '{sorted(clash)[0]}'")
+    if not owners:
+        classes.insert(0, known["naive"])
+    classes.sort(key=lambda c: not c.owns_parameters)
+    return classes
+
+
+class StrategyStack:
+    """Calls each hook of several strategies in order and combines what they return."""
+
+    def __init__(self, strategies: list[Strategy]) -> None:
+        self.strategies = strategies
+
+    @classmethod
+    def from_config(cls, config: "RunConfig") -> "StrategyStack":
+        built = []
+        for klass in parse_strategy(config.strategy):
+            options = config.options(klass.options_key) if klass.options_key else None
+            built.append(klass(options))
+        return cls(built)
+
+    @property
+    def name(self) -> str:
+        return "+".join(s.name for s in self.strategies)
+
+    def setup(self, ctx: Context) -> torch.nn.Module:
+        for s in self.strategies:
+            replaced = s.setup(ctx)
+            if replaced is not None:
+                ctx.model = replaced
+        return ctx.model
+
+    def plan(self, tasks: list["Task"]) -> list[list["Task"]]:
+        for s in self.strategies:
+            phases = s.plan(tasks)
+            if phases is not None:
+                return phases
+        return [[t] for t in tasks]
+
+    def before_task(self, ctx: Context, tasks: list["Task"]) -> None:
+        for s in self.strategies:
+            s.before_task(ctx, tasks)
+
+    def trainable_parameters(self, ctx: Context) -> list[torch.nn.Parameter]:
+        for s in self.strategies:
+            params = s.trainable_parameters(ctx)
+            if params is not None:
+                return params
+        return [p for p in ctx.model.parameters() if p.requires_grad]
+
+    def batches(self, ctx: Context, tasks: list["Task"], batches: Iterator[list["Item"]]) -> Iterator[list["Item"]]:
+        for s in self.strategies:
+            batches = s.batches(ctx, tasks, batches)
+        return batches
+
+    def extra_loss(self, ctx: Context, batch: dict[str, torch.Tensor], outputs: Any) -> torch.Tensor | None:
+        terms = [t for t in (s.extra_loss(ctx, batch, outputs) for s in self.strategies) if t is not None]
+        return sum(terms[1:], terms[0]) if terms else None
+
+    def after_task(self, ctx: Context, tasks: list["Task"]) -> None:
+        for s in self.strategies:
+            s.after_task(ctx, tasks)
+
+    def route(self, ctx: Context, task: str | None) -> ContextManager:
+        for s in self.strategies:
+            cm = s.route(ctx, task)
+            if cm is not None:
+                return cm
+        return contextlib.nullcontext()
+
+    def export(self, ctx: Context, run_dir: Path) -> None:
+        for s in self.strategies:
+            s.export(ctx, run_dir)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {s.name: s.state_dict() for s in self.strategies}
+
+    def load_state_dict(self, ctx: Context, state: dict[str, Any]) -> None:
+        for s in self.strategies:
+            s.load_state_dict(ctx, state.get(s.name, {}))

@@ -1,0 +1,72 @@
+"""A new LoRA adapter per task: tasks cannot overwrite each other, at the price of routing.
+
+Task j is scored with adapter j; a task not trained yet is scored on the base model.
+The probe is scored with the latest adapter, the one a deployment would serve last.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+from retain.strategies.base import Context, Strategy, register
+from retain.strategies.lora import LoraOptions, save_adapter, wrap_with_lora
+
+
+@register
+class LoraPerTask(Strategy):
+    name = "lora-per-task"
+    summary = "a fresh LoRA adapter for each task, saved under adapters/<task>/; earlier adapters stay bit-identical"
+    options_key = "lora"
+    Options = LoraOptions
+    owns_parameters = True
+    incompatible = frozenset({"joint"})
+
+    def __init__(self, options=None) -> None:
+        super().__init__(options)
+        self.trained: list[str] = []
+
+    def setup(self, ctx: Context):
+        return wrap_with_lora(ctx.model, self.options, adapter_name=ctx.stream.tasks[0].name)
+
+    def _ensure(self, ctx: Context, name: str) -> None:
+        if name not in ctx.model.peft_config:
+            ctx.model.add_adapter(name, self.options.peft_config())
+
+    def before_task(self, ctx: Context, tasks) -> None:
+        name = tasks[0].name
+        self._ensure(ctx, name)
+        # set_adapter makes this adapter the only trainable one; the others are frozen.
+        ctx.model.set_adapter(name)
+
+    def after_task(self, ctx: Context, tasks) -> None:
+        self.trained.append(tasks[0].name)
+        if ctx.run_dir is not None:
+            save_adapter(ctx.model, tasks[0].name, ctx.run_dir / "adapters" / tasks[0].name)
+
+    @contextmanager
+    def _use(self, ctx: Context, name: str | None):
+        model = ctx.model
+        previous = model.active_adapter
+        if name is None:
+            with model.disable_adapter():
+                yield
+            return
+        model.set_adapter(name)
+        try:
+            yield
+        finally:
+            model.set_adapter(previous)
+
+    def route(self, ctx: Context, task: str | None):
+        if task is None:
+            return self._use(ctx, self.trained[-1]) if self.trained else self._use(ctx, None)
+        return self._use(ctx, task if task in self.trained else None)
+
+    def state_dict(self) -> dict:
+        return {"trained": list(self.trained)}
+
+    def load_state_dict(self, ctx: Context, state: dict) -> None:
+        self.trained = list(state.get("trained", []))
+        for name in self.trained:
+            self._ensure(ctx, name)

@@ -1,0 +1,16 @@
+"""Full fine-tuning, task after task: the forgetting baseline."""
+
+from __future__ import annotations
+
+from retain.strategies.base import Context, Strategy, register
+
+
+@register
+class Naive(Strategy):
+    name = "naive"
+    summary = "full fine-tuning of every weight, task after task (the forgetting baseline)"
+    owns_parameters = True
+
+    def setup(self, ctx: Context):
+        ctx.model.requires_grad_(True)
+        return None

@@ -1,0 +1,140 @@
+"""Read examples from JSONL, CSV or Hugging Face datasets, with errors that name file and line."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+from retain.errors import RetainError
+from retain.streams.task import Example, Task
+
+_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def _options(raw: Any, where: str, field: str) -> tuple[str, ...] | None:
+    if raw is None or raw == "":
+        return None
+    if isinstance(raw, str):
+        raw = raw.strip()
+        if raw.startswith("["):
+            try:
+                raw = json.loads(raw)
+            except json.JSONDecodeError:
+                raise RetainError(f"{where}: field '{field}' is not a valid JSON list") from None
+        else:
+            raw = [part.strip() for part in raw.split("|")]
+    if not isinstance(raw, (list, tuple)) or len(raw) < 2:
+        raise RetainError(f"{where}: field '{field}' must be a list of at least 2 options")
+    return tuple(str(o) for o in raw)
+
+
+def make_example(
+    record: dict[str, Any], where: str, *, input_field: str, output_field: str, options_field: str, metric: str
+) -> Example:
+    """Build an Example; for ``choice`` the output may also be an option index or letter."""
+    if not isinstance(record, dict):
+        raise RetainError(f"{where}: expected an object with fields, got {type(record).__name__}")
+    present = ", ".join(sorted(record)) or "none"
+    required = [output_field] if metric == "perplexity" else [input_field, output_field]
+    for name in required:
+        if name not in record or record[name] is None:
+            raise RetainError(f"{where}: missing field '{name}' (fields present: {present})")
+    output = str(record[output_field])
+    options = _options(record.get(options_field), where, options_field)
+    if metric == "choice":
+        if options is None:
+            raise RetainError(f"{where}: metric 'choice' needs an options list in field '{options_field}'")
+        if output not in options:
+            key = output.strip()
+            if key.isdigit() and int(key) < len(options):
+                output = options[int(key)]
+            elif len(key) == 1 and key.upper() in _LETTERS[: len(options)]:
+                output = options[_LETTERS.index(key.upper())]
+            else:
+                raise RetainError(
+                    f"{where}: output '{output}' is not one of the options {list(options)} "
+                    "(nor an option index or letter)"
+                )
+    return Example(input=str(record.get(input_field, "") or ""), output=output, options=options)
+
+
+def _jsonl_records(path: Path) -> Iterable[tuple[str, Any]]:
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{path}:{lineno}", json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise RetainError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
+
+
+def _csv_records(path: Path) -> Iterable[tuple[str, Any]]:
+    with path.open(encoding="utf-8", newline="") as fh:
+        reader = csv.DictReader(fh)
+        for row in reader:
+            if None in row:
+                raise RetainError(f"{path}:{reader.line_num}: more values than header columns")
+            yield f"{path}:{reader.line_num}", row
+
+
+def load_file(path: str | Path, **fields: str) -> list[Example]:
+    """Examples of a ``.jsonl``/``.json`` (JSON Lines) or ``.csv`` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise RetainError(f"data file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        records = _jsonl_records(path)
+    elif suffix == ".csv":
+        records = _csv_records(path)
+    else:
+        raise RetainError(f"{path}: unsupported data file type '{suffix}'; valid: .jsonl, .json, .csv")
+    return [make_example(rec, where, **fields) for where, rec in records]
+
+
+def load_hf(name: str, split: str, config_name: str | None = None, **fields: str) -> list[Example]:
+    """Examples of a Hugging Face dataset split: a local ``save_to_disk`` folder or a dataset name."""
+    import datasets
+
+    try:
+        if Path(name).is_dir() and (Path(name) / "dataset_dict.json").exists():
+            data = datasets.load_from_disk(name)[split]
+        elif Path(name).is_dir() and (Path(name) / "dataset_info.json").exists():
+            data = datasets.load_from_disk(name)
+        else:
+            data = datasets.load_dataset(name, config_name, split=split)
+    except KeyError:
+        raise RetainError(f"dataset '{name}' has no split '{split}'") from None
+    except (FileNotFoundError, ValueError, ConnectionError, OSError) as exc:
+        raise RetainError(f"dataset '{name}' (split '{split}') could not be loaded: {exc}") from None
+    return [make_example(rec, f"{name}[{split}] row {i}", **fields) for i, rec in enumerate(data)]
+
+
+def load_task(spec) -> Task:
+    """A Task from a config ``TaskSpec``; refuses empty splits."""
+    fields = dict(
+        input_field=spec.input_field, output_field=spec.output_field,
+        options_field=spec.options_field, metric=spec.metric,
+    )
+    if spec.dataset:
+        train = load_hf(spec.dataset, spec.train_split, spec.dataset_config, **fields)
+        test = load_hf(spec.dataset, spec.test_split, spec.dataset_config, **fields)
+        sources = (f"{spec.dataset}[{spec.train_split}]", f"{spec.dataset}[{spec.test_split}]")
+    else:
+        train, test = load_file(spec.train, **fields), load_file(spec.test, **fields)
+        sources = (spec.train, spec.test)
+    for examples, source, split in ((train, sources[0], "train"), (test, sources[1], "test")):
+        if not examples:
+            raise RetainError(f"task '{spec.name}': {split} data {source} has no examples")
+    return Task(
+        name=spec.name,
+        train=train[: spec.max_train] if spec.max_train else train,
+        test=test[: spec.max_test] if spec.max_test else test,
+        metric=spec.metric,
+        format=spec.format,
+        template=spec.template,
+        answer_prefix=spec.answer_prefix,
+    )

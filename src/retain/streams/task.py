@@ -1,0 +1,77 @@
+"""Tasks and streams: what a model learns, in order, and how each task is prompted and scored."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Metric = Literal["exact_match", "choice", "perplexity"]
+
+
+@dataclass(frozen=True)
+class Example:
+    input: str
+    output: str
+    options: tuple[str, ...] | None = None
+
+    @property
+    def answer_index(self) -> int:
+        """Index of the gold option (the output equals one of the options)."""
+        assert self.options is not None
+        return self.options.index(self.output)
+
+
+@dataclass(frozen=True)
+class Item:
+    """A rendered training example: prompt and target text, tagged with its task."""
+
+    task: str
+    prompt: str
+    target: str
+
+
+@dataclass
+class Task:
+    name: str
+    train: list[Example]
+    test: list[Example]
+    metric: Metric = "exact_match"
+    format: Literal["plain", "chat"] = "plain"
+    template: str = "{input}"
+    answer_prefix: str | None = None
+
+    @property
+    def prefix(self) -> str:
+        # Plain prompts end before the answer; BPE tokenizers attach the space to the
+        # answer's first word, so the answer carries it. Chat answers start a turn.
+        if self.answer_prefix is not None:
+            return self.answer_prefix
+        return "" if self.format == "chat" else " "
+
+    def prompt(self, tokenizer, example: Example) -> str:
+        text = self.template.format(input=example.input)
+        if self.format == "chat":
+            return tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+            )
+        return text
+
+    def target(self, text: str) -> str:
+        return self.prefix + text
+
+    def items(self, tokenizer, examples: list[Example] | None = None) -> list[Item]:
+        examples = self.train if examples is None else examples
+        return [Item(self.name, self.prompt(tokenizer, ex), self.target(ex.output)) for ex in examples]
+
+
+@dataclass
+class Stream:
+    name: str
+    tasks: list[Task]
+    probe: Task | None = None
+    description: str = ""
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]

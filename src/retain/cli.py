@@ -192,7 +192,8 @@ def main() -> None:
     try:
         app()
     except RetainError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        # Plain print: one unwrapped line a user can grep and a test can match.
+        print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         err.print("interrupted; continue with `retain run --resume RUN_DIR`")

@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("RETAIN_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def task_rows(kind: str, n: int) -> list[dict]:
+    if kind == "upper":
+        words = ["cat", "dog", "sun", "sky", "red", "map", "pen", "cup", "hat", "box", "fig", "jam"]
+        return [{"input": f"upper {w}", "output": w.upper()} for w in (words * 4)[:n]]
+    return [{"input": f"is {i} small?", "output": "yes" if i < 5 else "no", "options": ["yes", "no"]} for i in range(n)]
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path):
+    """Write a two-task config on tiny-random and return a function making variants of it."""
+    a_train = write_jsonl(tmp_path / "a_train.jsonl", task_rows("upper", 16))
+    a_test = write_jsonl(tmp_path / "a_test.jsonl", task_rows("upper", 6))
+    b_train = write_jsonl(tmp_path / "b_train.jsonl", task_rows("choice", 10))
+    b_test = write_jsonl(tmp_path / "b_test.jsonl", task_rows("choice", 6))
+
+    def make(name: str = "t", **overrides) -> Path:
+        cfg = {
+            "name": name,
+            "model": "tiny-random",
+            "strategy": "naive",
+            "output_dir": str(tmp_path / "runs"),
+            "tasks": [
+                {"name": "upper", "train": str(a_train), "test": str(a_test), "metric": "exact_match"},
+                {"name": "small", "train": str(b_train), "test": str(b_test), "metric": "choice"},
+            ],
+            "train": {"max_steps": 3, "batch_size": 4, "lr": 1e-2},
+            "eval": {"probe_max": 8, "max_new_tokens": 4},
+        }
+        for key, value in overrides.items():
+            node = cfg
+            parts = key.split("__")
+            for part in parts[:-1]:
+                node = node.setdefault(part, {})
+            node[parts[-1]] = value
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+        return path
+
+    return make

@@ -1,0 +1,119 @@
+"""The command line end to end on tiny-random, and every bad input it must refuse cleanly."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from retain.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    from retain.cli import _quiet_libraries
+
+    _quiet_libraries()
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def cli_error(*args) -> subprocess.CompletedProcess:
+    """Run the real console entry point (exit code and stderr as a user sees them)."""
+    return subprocess.run([sys.executable, "-m", "retain.cli", *map(str, args)], capture_output=True, text=True)
+
+
+def test_run_writes_a_complete_run_directory(tiny_config, tmp_path):
+    result = invoke("run", tiny_config("full", strategy="lora-per-task"), "--quiet")
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "runs" / "full"
+    for name in ("config.yaml", "results.json", "report.md", "report.html", "plots/accuracy_matrix.png",
+                 "plots/curves.png", "adapters/upper/adapter_model.safetensors",
+                 "adapters/small/adapter_config.json", "checkpoints/state.json"):
+        assert (run / name).is_file(), name
+    results = json.loads((run / "results.json").read_text())
+    assert len(results["R"]) == 2 and len(results["R"][0]) == 2 and len(results["base"]) == 2
+    assert results["metrics"]["BWT"] == 0.0  # adapters are isolated: scores cannot move
+    assert results["probe"]["base"] is not None and len(results["probe"]["after_phase"]) == 2
+    assert results["timings"][0]["tokens_per_s"] > 0 and results["peak_memory_mb"] > 0
+    assert "report:" in result.output and "AA" in result.output
+    assert "data:image/png;base64" in (run / "report.html").read_text()
+
+
+def test_report_compare_generate_list_validate(tiny_config, tmp_path):
+    assert invoke("run", tiny_config("a", strategy="lora"), "-q").exit_code == 0
+    assert invoke("run", tiny_config("b", strategy="lora-per-task"), "-q").exit_code == 0
+    runs = tmp_path / "runs"
+    (runs / "a" / "report.md").unlink()
+    result = invoke("report", runs / "a")
+    assert result.exit_code == 0 and (runs / "a" / "report.md").is_file()
+    result = invoke("compare", runs / "a", runs / "b", "--out", tmp_path / "cmp")
+    assert result.exit_code == 0 and "| a | lora |" in result.output
+    assert (tmp_path / "cmp" / "compare.png").is_file()
+    result = invoke("generate", runs / "b", "upper cat", "--task", "upper", "--max-new-tokens", "3")
+    assert result.exit_code == 0
+    assert (runs / "a" / "adapters" / "lora" / "adapter_model.safetensors").is_file()
+    result = invoke("list")
+    assert all(s in result.output for s in ("lora-per-task", "replay", "joint", "tiny-random", "numbers"))
+    result = invoke("validate", tiny_config("v"))
+    assert result.exit_code == 0 and "task     upper: 16 train, 6 test" in result.output
+
+
+def test_generate_answers_with_the_trained_weights(tiny_config, tmp_path):
+    """A naive run's generate must use the fine-tuned weights, not the base model."""
+    cfg = tiny_config("g", train__max_steps=40)
+    assert invoke("run", cfg, "-q").exit_code == 0
+    out = invoke("generate", tmp_path / "runs" / "g", "upper cat", "--task", "upper", "--max-new-tokens", "4")
+    from retain.models import load_model
+    from retain.evaluation import generate
+
+    model, tok = load_model("tiny-random")
+    base_answer = generate(model, tok, ["upper cat"], max_new_tokens=4)[0].strip()
+    assert out.exit_code == 0 and out.output.strip() != base_answer
+
+
+@pytest.mark.parametrize(
+    "mutate, fragment",
+    [
+        (lambda p: p.write_text(p.read_text() + "bogus_key: 1\n"), "unknown key 'bogus_key'"),
+        (lambda p: p.write_text(p.read_text().replace("strategy: naive", "strategy: nonesuch")), "unknown strategy 'nonesuch'"),
+        (lambda p: p.write_text(p.read_text().replace("model: tiny-random", "model: ./nowhere")), "unknown model './nowhere'"),
+        (lambda p: p.write_text(p.read_text().replace("model: tiny-random", "model: missing.gguf")), "GGUF file not found"),
+    ],
+)
+def test_bad_config_exits_nonzero_and_writes_nothing(tiny_config, tmp_path, mutate, fragment):
+    cfg = tiny_config("bad")
+    mutate(cfg)
+    proc = cli_error("run", cfg, "-q")
+    assert proc.returncode == 2 and fragment in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "runs" / "bad").exists()
+
+
+def test_bad_data_exits_nonzero_names_line_and_writes_nothing(tiny_config, tmp_path):
+    cfg = tiny_config("bad")
+    (tmp_path / "b_test.jsonl").write_text('{"input": "x", "output": "yes", "options": ["yes", "no"]}\nnot json\n')
+    proc = cli_error("run", cfg, "-q")
+    assert proc.returncode == 2 and "b_test.jsonl:2: invalid JSON" in proc.stderr
+    assert not (tmp_path / "runs").exists()
+    (tmp_path / "b_test.jsonl").write_text("")
+    proc = cli_error("validate", cfg)
+    assert proc.returncode == 2 and "task 'small': test data" in proc.stderr and "has no examples" in proc.stderr
+
+
+def test_existing_run_is_not_overwritten_by_accident(tiny_config, tmp_path):
+    cfg = tiny_config("once")
+    assert invoke("run", cfg, "-q").exit_code == 0
+    before = (tmp_path / "runs" / "once" / "results.json").read_text()
+    proc = cli_error("run", cfg, "-q")
+    assert proc.returncode == 2 and "already exists" in proc.stderr
+    assert (tmp_path / "runs" / "once" / "results.json").read_text() == before
+
+
+def test_help_explains_commands():
+    result = invoke("--help")
+    for cmd in ("run", "report", "compare", "list", "generate", "validate"):
+        assert cmd in result.output
+    assert "--resume" in invoke("run", "--help").output

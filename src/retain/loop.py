@@ -146,6 +146,10 @@ class Run:
                 advance(1, f"loss {losses[-1]:.3f}")
         seconds = time.perf_counter() - start
         model.eval()
+        # Accelerate keeps every prepared optimizer alive; drop this phase's (and its
+        # AdamW state, twice the trainable weights) before the next phase makes its own.
+        del optimizer, scheduler
+        ctx.accelerator.free_memory()
         stack.after_task(ctx, tasks)
         return {
             "phase": phase, "tasks": [t.name for t in tasks], "steps": steps, "train_s": round(seconds, 3),
@@ -208,6 +212,8 @@ def execute(config: RunConfig, *, run_dir: Path | None = None, resume: bool = Fa
         checkpoint.restore_tensors(run_dir, ctx.accelerator.unwrap_model(ctx.model), saved["trained_keys"])
         ui.info(f"resuming {run_dir} after {saved['completed_phases']} completed phase(s)")
     started = time.perf_counter()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     if run.state["base"] is None:
         run.state["base"], run.state["base_probe"] = run.evaluate(ctx, stack, "base model")
         run.checkpoint(ctx, stack)

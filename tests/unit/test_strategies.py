@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from retain.config import load_config
-from retain.loop import Run, batch_stream, prepare
+from retain.batching import batch_stream
+from retain.loop import Run, prepare
 from retain.strategies.replay import Replay, ReplayOptions
 from retain.streams.task import Item
 from retain.ui import UI

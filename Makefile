@@ -29,7 +29,9 @@ test-fast: setup
 
 benchmarks: setup
 	$(PY) benchmarks/overhead.py
-	$(PY) benchmarks/stream.py
+	$(PY) benchmarks/stream.py --suite engine
+	$(PY) benchmarks/stream.py --suite regularization
+	$(PY) benchmarks/stream.py --suite cpt
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info

@@ -1,13 +1,20 @@
-"""The built-in stream on the embedded model, one run per strategy, side by side.
+"""Built-in streams on the embedded model, one run per strategy, side by side.
 
-Runs configs/{naive,lora,lora-per-task,lora-replay,joint}.yaml in one process (same
-machine state), copies each results.json to benchmarks/results/stream/, and writes
-benchmarks/results/stream.{md,json} with AA, BWT, FWT, FM, probe retention and wall time,
-checked against the targets: naive BWT <= -10; lora-per-task BWT == 0; lora+replay
-BWT >= -3 with AA within 5 points of joint. Also times the embedded model's first
-(de-quantizing) and cached loads.
+Suites (each run is `retain run configs/<run>.yaml` in its own process, one after another):
 
-    .venv/bin/python benchmarks/stream.py [--only naive,lora] [--steps N]
+- ``engine``: naive, lora, lora-per-task, lora-replay, joint on ``numbers``. Targets: naive
+  BWT <= -10; lora-per-task BWT == 0; lora+replay BWT >= -3 with AA within 5 of joint.
+  Also times the embedded model's first (de-quantizing) and cached loads.
+- ``regularization``: ewc, ewc-online, lwf, distill-replay, sparse, lora-replay-ewc against
+  naive (reused from the engine suite's results when present). Targets: each beats naive
+  on BWT; Fisher estimate <= 10% of the task's training time; lwf <= 1.6x naive's time per step.
+- ``cpt``: continual pre-training on ``domains``: plain, rewarm, mix, rewarm+mix; per-domain
+  perplexity after each stage.
+
+Each run's results.json is copied to benchmarks/results/<suite>/, the summary to
+benchmarks/results/<suite>.{md,json}.
+
+    .venv/bin/python benchmarks/stream.py --suite engine [--only naive,lora]
 """
 
 from __future__ import annotations
@@ -26,7 +33,13 @@ from retain.reporting import load_results
 from retain.reporting.compare import compare_plot, comparison_table
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ["naive", "lora", "lora-per-task", "lora-replay", "joint"]
+SUITES = {
+    "engine": ["naive", "lora", "lora-per-task", "lora-replay", "joint"],
+    "regularization": ["naive", "ewc", "ewc-online", "lwf", "distill-replay", "sparse", "lora-replay-ewc"],
+    "cpt": ["cpt-plain", "cpt-rewarm", "cpt-mix", "cpt-rewarm-mix"],
+}
+# Where a suite's directory of per-run results lives (the engine suite predates suites).
+FOLDER = {"engine": "stream", "regularization": "regularization", "cpt": "cpt"}
 
 
 def load_times() -> dict:
@@ -37,6 +50,46 @@ def load_times() -> dict:
         runs = [float(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                                      check=True).stdout.split()[-1]) for _ in range(2)]
     return {"first_load_s": round(runs[0], 2), "cached_load_s": round(runs[1], 2)}
+
+
+def per_step(r: dict) -> float:
+    return sum(t["train_s"] for t in r["timings"]) / sum(t["steps"] for t in r["timings"])
+
+
+def regularization_checks(by_name: dict) -> list[str]:
+    out = []
+    naive = by_name.get("naive")
+    for name, r in by_name.items():
+        if name != "naive" and naive and r["metrics"]["BWT"] is not None:
+            better = r["metrics"]["BWT"] > naive["metrics"]["BWT"]
+            out.append(f"{name} BWT {r['metrics']['BWT']:+.1f} vs naive {naive['metrics']['BWT']:+.1f}: "
+                       f"{'better' if better else 'NOT better'}")
+    for name in ("ewc", "ewc-online"):
+        if name in by_name:
+            stats = by_name[name]["strategy_stats"]
+            fisher = sum(s.get("ewc", {}).get("fisher_s", 0) for s in stats)
+            train = sum(t["train_s"] for t in by_name[name]["timings"])
+            out.append(f"{name} Fisher estimate {fisher:.1f} s = {100 * fisher / train:.1f}% of training time "
+                       f"{train:.0f} s (target <= 10%): {'met' if fisher <= 0.1 * train else 'NOT met'}")
+    if "lwf" in by_name and naive:
+        ratio = per_step(by_name["lwf"]) / per_step(naive)
+        out.append(f"lwf time per step {per_step(by_name['lwf']):.2f} s = {ratio:.2f}x naive's {per_step(naive):.2f} s "
+                   f"(target <= 1.6x): {'met' if ratio <= 1.6 else 'NOT met'}")
+    if "sparse" in by_name:
+        fr = [s.get("sparse", {}).get("changed_fraction") for s in by_name["sparse"]["strategy_stats"]]
+        out.append("sparse: fraction of weights changed per task " + ", ".join(f"{100 * f:.2f}%" for f in fr if f is not None))
+    return out
+
+
+def cpt_tables(by_name: dict) -> list[str]:
+    lines = []
+    for name, r in by_name.items():
+        lines += [f"**{name}** (`{r['strategy']}`): perplexity per domain (lower is better)", "",
+                  "| after | " + " | ".join(r["tasks"]) + " |", "|---|" + "---|" * len(r["tasks"]),
+                  "| base | " + " | ".join(f"{v:.2f}" for v in r["base"]) + " |"]
+        lines += [f"| {'+'.join(p)} | " + " | ".join(f"{v:.2f}" for v in row) + " |" for p, row in zip(r["phases"], r["R"])]
+        lines += ["", f"probe {r['probe']['base']:.1f} -> {r['probe']['after_phase'][-1]:.1f}, wall {r['wall_s']:.0f} s", ""]
+    return lines
 
 
 def checks(by_name: dict) -> list[str]:
@@ -59,22 +112,30 @@ def checks(by_name: dict) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default=",".join(CONFIGS))
+    ap.add_argument("--suite", choices=sorted(SUITES), default="engine")
+    ap.add_argument("--only", default=None, help="comma-separated subset of the suite's runs")
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench"))
     args = ap.parse_args()
+    folder = FOLDER[args.suite]
 
-    loads = load_times()
-    print(loads)
+    loads = load_times() if args.suite == "engine" else None
     results = {}
-    for name in args.only.split(","):
+    for name in (args.only.split(",") if args.only else SUITES[args.suite]):
+        reused = RESULTS / "stream" / f"{name}.json"
+        if args.suite == "regularization" and name == "naive" and reused.is_file():
+            results[name] = load_results(reused)  # the same config, measured by the engine suite
+            continue
         # One process per run, exactly as a user runs it, so peak memory is the run's own.
         start = time.perf_counter()
         subprocess.run([str(Path(sys.executable).parent / "retain"), "run", str(ROOT / "configs" / f"{name}.yaml"),
                         f"output_dir={args.out}", "--overwrite", "--quiet"], check=True, stdout=subprocess.DEVNULL)
         results[name] = load_results(Path(args.out) / name)
         print(f"{name}: {results[name]['metrics']} in {time.perf_counter() - start:.0f}s", flush=True)
-        atomic_write_json(RESULTS / "stream" / f"{name}.json", results[name])
+        atomic_write_json(RESULTS / folder / f"{name}.json", results[name])
     runs = list(results.values())
+    if args.suite != "engine":
+        summarize_suite(args.suite, folder, results, runs)
+        return
     compare_plot(runs, RESULTS / "stream.png")
     lines = checks(results)
     md = "\n".join([
@@ -91,6 +152,22 @@ def main() -> None:
     write("stream", {"machine": machine(), "loads": loads, "checks": lines,
                      "runs": {n: {k: r[k] for k in ("metrics", "probe", "wall_s", "R", "base", "peak_memory_mb",
                                                    "train_tokens_per_s")} for n, r in results.items()}}, md)
+
+
+def summarize_suite(suite: str, folder: str, results: dict, runs: list) -> None:
+    m = machine()
+    head = [f"{m['device']}, {m['torch_threads']} threads, {m['date']}; configs `configs/<run>.yaml`; "
+            f"per-run results in `{folder}/`.", ""]
+    if suite == "cpt":
+        body = ["# Continual pre-training on the `domains` stream", "", *head, *cpt_tables(results)]
+    else:
+        compare_plot(runs, RESULTS / f"{folder}.png")
+        lines = regularization_checks(results)
+        body = ["# Regularization and distillation on the `numbers` stream", "", *head, comparison_table(runs), "",
+                "Targets:", "", *[f"- {line}" for line in lines], "", f"![comparison]({folder}.png)", ""]
+    write(folder, {"machine": m, "runs": {n: {k: r.get(k) for k in ("metrics", "probe", "wall_s", "R", "base",
+                                                                     "strategy_stats", "timings")}
+                                          for n, r in results.items()}}, "\n".join(body))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ from retain.streams.task import Item
 
 
 def collate(tokenizer, items: list[Item], max_length: int) -> dict[str, torch.Tensor]:
-    """Right-padded ids with labels only on the target tokens (prompt and padding are -100)."""
+    """Right-padded ids with labels only on the target tokens (prompt, padding and items
+    with ``lm_loss=False`` are -100)."""
     rows = []
     for item in items:
         ids, n_target = encode_pair(tokenizer, item.prompt, item.target + tokenizer.eos_token, max_length)
@@ -21,10 +22,11 @@ def collate(tokenizer, items: list[Item], max_length: int) -> dict[str, torch.Te
     input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     attention = torch.zeros((len(rows), width), dtype=torch.long)
     labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    for r, (ids, n) in enumerate(rows):
+    for r, ((ids, n), item) in enumerate(zip(rows, items)):
         input_ids[r, : len(ids)] = torch.tensor(ids)
         attention[r, : len(ids)] = 1
-        labels[r, len(ids) - n : len(ids)] = torch.tensor(ids[len(ids) - n :])
+        if item.lm_loss:
+            labels[r, len(ids) - n : len(ids)] = torch.tensor(ids[len(ids) - n :])
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
 
@@ -36,3 +38,9 @@ def batch_stream(items: list[Item], batch_size: int, rng: random.Random) -> Iter
         # Full batches only (the remainder is reshuffled into the next epoch).
         for b in range(max(len(order) // batch_size, 1)):
             yield order[b * batch_size : (b + 1) * batch_size]
+
+
+def target_mask(tokenizer, items: list[Item], max_length: int) -> torch.Tensor:
+    """Bool mask of the target positions of each row, whatever ``lm_loss`` says."""
+    batch = collate(tokenizer, [Item(i.task, i.prompt, i.target) for i in items], max_length)
+    return batch["labels"] != -100

@@ -18,14 +18,22 @@ from retain.io import atomic_write, atomic_write_json
 
 STATE = "state.json"
 TENSORS = "trained.safetensors"
+STRATEGY_TENSORS = "strategy.safetensors"
 
 
-def save(run_dir: Path, state: dict[str, Any], model: torch.nn.Module, keys: list[str]) -> None:
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    tensors = {k: v.detach().contiguous().clone().cpu() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
+
+
+def save(run_dir: Path, state: dict[str, Any], model: torch.nn.Module, keys: list[str],
+         strategy_tensors: dict[str, torch.Tensor] | None = None) -> None:
     folder = run_dir / "checkpoints"
     if keys:
         wanted = set(keys)
-        tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items() if k in wanted}
-        atomic_write(folder / TENSORS, lambda tmp: save_file(tensors, str(tmp)))
+        _save_tensors(folder / TENSORS, {k: v for k, v in model.state_dict().items() if k in wanted})
+    if strategy_tensors:
+        _save_tensors(folder / STRATEGY_TENSORS, strategy_tensors)
     # state.json last: it is what says the tensors beside it are complete.
     atomic_write_json(folder / STATE, state)
 
@@ -53,3 +61,8 @@ def restore_tensors(run_dir: Path, model: torch.nn.Module, keys: list[str]) -> N
     result = model.load_state_dict(tensors, strict=False)
     if result.unexpected_keys:
         raise RetainError(f"{path}: tensors do not fit the model (e.g. {result.unexpected_keys[0]})")
+
+
+def load_strategy_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
+    path = run_dir / "checkpoints" / STRATEGY_TENSORS
+    return load_file(str(path)) if path.is_file() else {}

@@ -111,7 +111,7 @@ class RunConfig(BaseModel):
             try:
                 self.model_extra[key] = sections[key].model_validate(value or {})
             except ValidationError as exc:
-                raise ValueError(_format_errors(exc, prefix=key)) from None
+                raise ValueError(_format_errors(exc, prefix=key, model=sections[key])) from None
         return self
 
     def options(self, key: str) -> BaseModel:
@@ -128,17 +128,40 @@ class RunConfig(BaseModel):
         data = self.model_dump(mode="json", exclude_none=True)
         for strategy in parse_strategy(self.strategy):
             if strategy.options_key:
-                data[strategy.options_key] = self.options(strategy.options_key).model_dump(mode="json")
+                data[strategy.options_key] = self.options(strategy.options_key).model_dump(mode="json", by_alias=True)
         return data
 
 
-def _format_errors(exc: ValidationError, prefix: str = "") -> str:
+_BOUNDS = (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
+
+
+def allowed_range(model: type[BaseModel], loc: tuple) -> str | None:
+    """The numeric bounds declared on the field at ``loc`` (e.g. "> 0 and <= 1")."""
+    field = None
+    for part in loc:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return None
+        field = model.model_fields.get(part) or next(
+            (f for f in model.model_fields.values() if f.alias == part), None)
+        if field is None:
+            return None
+        model = field.annotation
+    bounds = [f"{sym} {getattr(m, attr)}" for m in (field.metadata if field else [])
+              for attr, sym in _BOUNDS if getattr(m, attr, None) is not None]
+    return " and ".join(bounds) or None
+
+
+def _format_errors(exc: ValidationError, prefix: str = "", model: type[BaseModel] | None = None) -> str:
     lines = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in ((prefix,) if prefix else ()) + tuple(err["loc"]))
-        msg = err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
+        elif model is not None and err["type"] in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+            bounds = allowed_range(model, tuple(err["loc"]))
+            if bounds:
+                msg += f" (allowed: {bounds})"
         lines.append(f"'{loc}': {msg}" if loc else msg)
     return "; ".join(lines)
 
@@ -185,7 +208,7 @@ def validate_config(data: dict[str, Any], source: str = "config") -> RunConfig:
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:
-        raise RetainError(f"{source}: {_format_errors(exc)}") from None
+        raise RetainError(f"{source}: {_format_errors(exc, model=RunConfig)}") from None
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:

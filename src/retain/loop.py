@@ -90,7 +90,8 @@ class Run:
 
         steps = cfg.max_steps * len(tasks)
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=cfg.warmup_steps)
+        scheduler = stack.schedule(ctx, optimizer, steps) or get_scheduler(
+            "constant_with_warmup", optimizer, num_warmup_steps=cfg.warmup_steps)
         optimizer, scheduler = ctx.accelerator.prepare(optimizer, scheduler)
         items = [item for task in tasks for item in task.items(ctx.tokenizer)]
         batches = stack.batches(ctx, tasks, batch_stream(items, cfg.batch_size, rng))
@@ -105,8 +106,10 @@ class Run:
                 batch = {k: v.to(ctx.accelerator.device) for k, v in batch.items()}
                 with ctx.accelerator.autocast():
                     outputs = model(**batch)
-                    loss = outputs.loss
-                    extra = stack.extra_loss(ctx, batch, outputs)
+                    # A batch of only strategy-scored items (distillation) has no LM loss.
+                    has_labels = bool((batch["labels"] != -100).any())
+                    loss = outputs.loss if has_labels else outputs.logits.sum() * 0.0
+                    extra = stack.extra_loss(ctx, batch, outputs, items_batch)
                     if extra is not None:
                         loss = loss + extra
                 ctx.accelerator.backward(loss)
@@ -133,7 +136,8 @@ class Run:
 
     def checkpoint(self, ctx: Context, stack: StrategyStack) -> None:
         self.state["strategy"] = stack.state_dict()
-        checkpoint.save(self.run_dir, self.state, ctx.accelerator.unwrap_model(ctx.model), self.state["trained_keys"])
+        checkpoint.save(self.run_dir, self.state, ctx.accelerator.unwrap_model(ctx.model), self.state["trained_keys"],
+                        stack.state_tensors())
 
 
 def prepare(config: RunConfig, ui: UI) -> tuple[Context, StrategyStack]:
@@ -183,6 +187,7 @@ def execute(config: RunConfig, *, run_dir: Path | None = None, resume: bool = Fa
     if saved:
         run.state = saved
         stack.load_state_dict(ctx, saved["strategy"])
+        stack.load_state_tensors(checkpoint.load_strategy_tensors(run_dir))
         checkpoint.restore_tensors(run_dir, ctx.accelerator.unwrap_model(ctx.model), saved["trained_keys"])
         ui.info(f"resuming {run_dir} after {saved['completed_phases']} completed phase(s)")
     started = time.perf_counter()
@@ -206,6 +211,7 @@ def execute(config: RunConfig, *, run_dir: Path | None = None, resume: bool = Fa
         run.state["probe"].append(probe)
         run.state["phases"].append(timing["tasks"])
         run.state["timings"].append(timing)
+        run.state.setdefault("strategy_stats", []).append(stack.stats())
         run.state["completed_phases"] = phase + 1
         run.state["peak_memory_mb"] = max(run.state.get("peak_memory_mb", 0), round(peak_memory_mb(), 1))
         run.checkpoint(ctx, stack)

@@ -117,3 +117,31 @@ def test_help_explains_commands():
     for cmd in ("run", "report", "compare", "list", "generate", "validate"):
         assert cmd in result.output
     assert "--resume" in invoke("run", "--help").output
+
+
+def test_continual_pretraining_on_raw_text(tmp_path):
+    """The built-in domains stream end to end: perplexity scores, rewarm+mix, a report."""
+    import yaml
+
+    cfg = tmp_path / "cpt.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "name": "cpt", "model": "tiny-random", "stream": "domains", "strategy": "rewarm+mix",
+        "output_dir": str(tmp_path / "runs"), "train": {"max_steps": 2, "batch_size": 4, "max_length": 64},
+        "eval": {"max_test": 3, "probe": False},
+    }))
+    result = invoke("run", cfg, "-q")
+    assert result.exit_code == 0, result.output
+    results = json.loads((tmp_path / "runs" / "cpt" / "results.json").read_text())
+    assert results["task_metrics"] == {"recipes": "perplexity", "weather": "perplexity", "football": "perplexity"}
+    assert all(v > 1 for row in results["R"] for v in row) and results["probe"] is None
+
+
+def test_raw_text_file_task_has_no_answer_prefix(tmp_path):
+    from retain.config import TaskSpec
+    from retain.streams import load_task
+
+    (tmp_path / "t.jsonl").write_text('{"text": "hello world"}\n')
+    spec = TaskSpec(name="raw", train=str(tmp_path / "t.jsonl"), test=str(tmp_path / "t.jsonl"),
+                    metric="perplexity", output_field="text")
+    task = load_task(spec)
+    assert task.target(task.test[0].output) == "hello world" and task.test[0].input == ""

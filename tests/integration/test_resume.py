@@ -13,9 +13,10 @@ class Killed(Exception):
     pass
 
 
-@pytest.mark.parametrize("strategy", ["naive", "lora-per-task+replay", "lora+replay"])
+@pytest.mark.parametrize("strategy", ["naive", "lora-per-task+replay", "lora+replay", "ewc", "distill-replay", "lora+lwf"])
 def test_resume_equals_uninterrupted(tiny_config, tmp_path, monkeypatch, strategy):
-    tasks_cfg = dict(strategy=strategy, train__max_steps=4, replay={"buffer_size": 6, "ratio": 0.5})
+    tasks_cfg = dict(strategy=strategy, train__max_steps=4, replay={"buffer_size": 6, "ratio": 0.5},
+                     ewc={"fisher_samples": 3}, **{"distill-replay": {"buffer_size": 5, "ratio": 0.5, "top_k": 3}})
     full = execute(load_config(tiny_config("full", **tasks_cfg)), quiet=True)
 
     cfg = load_config(tiny_config("killed", **tasks_cfg))

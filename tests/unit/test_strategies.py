@@ -83,10 +83,10 @@ def test_joint_is_one_phase_with_the_steps_of_all_tasks(tiny_config, tmp_path):
 
 def test_reservoir_keeps_a_uniform_sample_of_bounded_size():
     replay = Replay(ReplayOptions(buffer_size=50, ratio=0.5))
-    replay.rng = random.Random(1)
+    replay.memory.rng = random.Random(1)
     for i in range(1000):
         replay.add(Item("t", str(i), "x"))
-    assert len(replay.buffer) == 50 and replay.seen == 1000
+    assert len(replay.buffer) == 50 and replay.memory.seen == 1000
     values = [int(i.prompt) for i in replay.buffer]
     assert len(set(values)) == 50
     assert 300 < sum(values) / 50 < 700  # a uniform sample of 0..999 has mean ~500
@@ -101,10 +101,10 @@ def test_replay_mixes_memory_into_batches_and_round_trips_state(tiny_config, tmp
     batches = list(replay.batches(None, [], iter([new[:4], new[4:]])))
     assert all(sum(i.task == "old" for i in b) == 2 and len(b) == 4 for b in batches)
     replay.after_task(None, [])
-    assert replay.seen == 4 + 4  # only fresh examples actually trained on enter memory
+    assert replay.memory.seen == 4 + 4  # only fresh examples actually trained on enter memory
     copy = Replay(ReplayOptions(buffer_size=4, ratio=0.5))
     copy.load_state_dict(None, replay.state_dict())
-    assert copy.buffer == replay.buffer and copy.rng.random() == replay.rng.random()
+    assert copy.buffer == replay.buffer and copy.memory.rng.random() == replay.memory.rng.random()
 
 
 def test_batch_stream_cycles_even_when_the_task_is_smaller_than_a_batch():

@@ -55,6 +55,7 @@ def build_results(config, stream, state: dict[str, Any]) -> dict[str, Any]:
         "metrics": {k: _r(v) for k, v in metrics.items()},
         "probe": probe,
         "timings": timings,
+        "strategy_stats": state.get("strategy_stats", []),
         "train_s": _r(train_s, 3),
         "train_tokens": tokens,
         "train_tokens_per_s": _r(tokens / train_s, 1) if train_s else None,

@@ -71,7 +71,12 @@ class Strategy:
         """Change what the model sees (replay mixing)."""
         return batches
 
-    def extra_loss(self, ctx: Context, batch: dict[str, torch.Tensor], outputs: Any) -> torch.Tensor | None:
+    def schedule(self, ctx: Context, optimizer: torch.optim.Optimizer, steps: int) -> Any | None:
+        """A learning-rate scheduler for this phase (default: constant after ``train.warmup_steps``)."""
+        return None
+
+    def extra_loss(self, ctx: Context, batch: dict[str, torch.Tensor], outputs: Any,
+                   items: list["Item"]) -> torch.Tensor | None:
         """A term added to the language-modelling loss (EWC penalty, distillation)."""
         return None
 
@@ -91,6 +96,17 @@ class Strategy:
 
     def load_state_dict(self, ctx: Context, state: dict[str, Any]) -> None:
         """Restore ``state_dict()``, re-creating any model structure it describes."""
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors a resumed run needs besides the model's (Fisher, anchors, stored logits)."""
+        return {}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore ``state_tensors()``; called after ``load_state_dict``."""
+
+    def stats(self) -> dict[str, Any]:
+        """Figures about the phase just trained, recorded in results.json (``strategy_stats``)."""
+        return {}
 
 
 _REGISTRY: dict[str, type[Strategy]] = {}
@@ -191,8 +207,16 @@ class StrategyStack:
             batches = s.batches(ctx, tasks, batches)
         return batches
 
-    def extra_loss(self, ctx: Context, batch: dict[str, torch.Tensor], outputs: Any) -> torch.Tensor | None:
-        terms = [t for t in (s.extra_loss(ctx, batch, outputs) for s in self.strategies) if t is not None]
+    def schedule(self, ctx: Context, optimizer: torch.optim.Optimizer, steps: int) -> Any | None:
+        for s in self.strategies:
+            scheduler = s.schedule(ctx, optimizer, steps)
+            if scheduler is not None:
+                return scheduler
+        return None
+
+    def extra_loss(self, ctx: Context, batch: dict[str, torch.Tensor], outputs: Any,
+                   items: list["Item"]) -> torch.Tensor | None:
+        terms = [t for t in (s.extra_loss(ctx, batch, outputs, items) for s in self.strategies) if t is not None]
         return sum(terms[1:], terms[0]) if terms else None
 
     def after_task(self, ctx: Context, tasks: list["Task"]) -> None:
@@ -216,3 +240,14 @@ class StrategyStack:
     def load_state_dict(self, ctx: Context, state: dict[str, Any]) -> None:
         for s in self.strategies:
             s.load_state_dict(ctx, state.get(s.name, {}))
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {f"{s.name}/{k}": v for s in self.strategies for k, v in s.state_tensors().items()}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        for s in self.strategies:
+            prefix = f"{s.name}/"
+            s.load_state_tensors({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+
+    def stats(self) -> dict[str, Any]:
+        return {s.name: st for s in self.strategies if (st := s.stats())}

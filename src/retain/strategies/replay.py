@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -17,6 +17,49 @@ class ReplayOptions(BaseModel):
     ratio: float = Field(default=0.25, gt=0, lt=1, description="fraction of each batch drawn from memory")
 
 
+class Reservoir:
+    """Reservoir sampling: every record offered so far is kept with equal probability."""
+
+    def __init__(self, size: int, seed: str = "replay/0") -> None:
+        self.size = size
+        self.records: list[Any] = []
+        self.seen = 0
+        self.rng = random.Random(seed)
+
+    def offer(self, record: Any) -> Any | None:
+        """Offer a record; returns the record that left memory (or was refused), if any."""
+        self.seen += 1
+        if len(self.records) < self.size:
+            self.records.append(record)
+            return None
+        j = self.rng.randrange(self.seen)
+        if j < self.size:
+            evicted, self.records[j] = self.records[j], record
+            return evicted
+        return record
+
+    def state(self, encode: Callable[[Any], Any]) -> dict:
+        version, internal, gauss = self.rng.getstate()
+        return {"seen": self.seen, "rng": [version, list(internal), gauss], "records": [encode(r) for r in self.records]}
+
+    def load(self, state: dict, decode: Callable[[Any], Any]) -> None:
+        self.seen = state["seen"]
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self.records = [decode(r) for r in state["records"]]
+
+
+def mix_batches(batches: Iterator[list[Item]], draw: Callable[[int], list[Item]], ratio: float,
+                fresh: list[Item]) -> Iterator[list[Item]]:
+    """Replace a fraction ``ratio`` of each batch with ``draw(k)``; record the fresh items kept."""
+    for batch in batches:
+        k = round(ratio * len(batch))
+        extra = draw(k) if k else []
+        kept = batch[: len(batch) - len(extra)]
+        fresh.extend(kept)
+        yield kept + extra
+
+
 @register
 class Replay(Strategy):
     name = "replay"
@@ -26,32 +69,28 @@ class Replay(Strategy):
 
     def __init__(self, options: ReplayOptions | None = None) -> None:
         super().__init__(options or ReplayOptions())
-        self.buffer: list[Item] = []
-        self.seen = 0
-        self.rng = random.Random(0)
+        self.memory = Reservoir(self.options.buffer_size)
         self._current: list[Item] = []
 
+    @property
+    def buffer(self) -> list[Item]:
+        return self.memory.records
+
     def setup(self, ctx: Context):
-        self.rng = random.Random(f"replay/{ctx.config.seed}")
+        self.memory = Reservoir(self.options.buffer_size, f"replay/{ctx.config.seed}")
         return None
 
     def add(self, item: Item) -> None:
-        """Reservoir sampling: every example seen so far is in memory with equal probability."""
-        self.seen += 1
-        if len(self.buffer) < self.options.buffer_size:
-            self.buffer.append(item)
-            return
-        j = self.rng.randrange(self.seen)
-        if j < self.options.buffer_size:
-            self.buffer[j] = item
+        self.memory.offer(item)
+
+    def _draw(self, k: int) -> list[Item]:
+        if not self.buffer:
+            return []
+        return [self.memory.rng.choice(self.buffer) for _ in range(k)]
 
     def batches(self, ctx: Context, tasks, batches: Iterator[list[Item]]) -> Iterator[list[Item]]:
         self._current = []
-        for batch in batches:
-            k = round(self.options.ratio * len(batch)) if self.buffer else 0
-            fresh = batch[: len(batch) - k]
-            self._current.extend(fresh)
-            yield fresh + [self.rng.choice(self.buffer) for _ in range(k)]
+        return mix_batches(batches, self._draw, self.options.ratio, self._current)
 
     def after_task(self, ctx: Context, tasks) -> None:
         for item in self._current:
@@ -59,17 +98,8 @@ class Replay(Strategy):
         self._current = []
 
     def state_dict(self) -> dict:
-        version, internal, gauss = self.rng.getstate()
-        return {
-            "seen": self.seen,
-            "rng": [version, list(internal), gauss],
-            "buffer": [[i.task, i.prompt, i.target] for i in self.buffer],
-        }
+        return self.memory.state(lambda i: [i.task, i.prompt, i.target])
 
     def load_state_dict(self, ctx: Context, state: dict) -> None:
-        if not state:
-            return
-        self.seen = state["seen"]
-        version, internal, gauss = state["rng"]
-        self.rng.setstate((version, tuple(internal), gauss))
-        self.buffer = [Item(*row) for row in state["buffer"]]
+        if state:
+            self.memory.load(state, lambda row: Item(*row))

@@ -49,8 +49,63 @@ def numbers_stream(n_train: int = 400, n_test: int = 100, seed: int = 0) -> Stre
     return Stream("numbers", tasks, description="four interfering yes/no rules over three-digit numbers")
 
 
+_DOMAINS: dict[str, tuple[list[str], dict[str, list[str]]]] = {
+    "recipes": (
+        ["To make {dish}, {verb} {qty} of {food} with a pinch of {spice}.",
+         "Cook the {food} over {heat} heat for {n} minutes, then add the {spice}.",
+         "Serve the {dish} warm with {side}."],
+        {"dish": ["lentil soup", "tomato pasta", "rice pudding", "vegetable curry", "apple pie", "fish stew"],
+         "verb": ["mix", "whisk", "stir", "combine", "fold"], "qty": ["two cups", "one spoon", "half a cup", "three pinches"],
+         "food": ["flour", "lentils", "rice", "onions", "apples", "carrots", "butter"],
+         "spice": ["salt", "cumin", "cinnamon", "pepper", "paprika"], "heat": ["low", "medium", "high"],
+         "n": [str(i) for i in range(3, 40)], "side": ["bread", "a green salad", "yogurt", "lemon wedges"]},
+    ),
+    "weather": (
+        ["Weather for {city}: {cond} in the morning with {temp} degrees by noon.",
+         "Winds from the {dir} at {speed} kilometres per hour, {rain} chance of rain.",
+         "Tomorrow will be {cond2} with a low of {low} degrees."],
+        {"city": ["Oslo", "Lima", "Cairo", "Osaka", "Quito", "Perth", "Tunis", "Riga"],
+         "cond": ["sunny", "cloudy", "foggy", "rainy", "windy"], "cond2": ["clear", "overcast", "stormy", "mild"],
+         "temp": [str(i) for i in range(-5, 38)], "low": [str(i) for i in range(-12, 25)],
+         "dir": ["north", "south", "east", "west", "northwest"], "speed": [str(i) for i in range(5, 60, 5)],
+         "rain": ["a low", "a moderate", "a high"]},
+    ),
+    "football": (
+        ["{team} beat {rival} {a} to {b} on {day} in front of {crowd} fans.",
+         "{player} scored in the {minute}th minute after a pass from {player2}.",
+         "The coach said the {team} defence was {word} all game."],
+        {"team": ["Rovers", "United", "Athletic", "Wanderers", "City", "Albion"],
+         "rival": ["Rangers", "Town", "Harriers", "Dynamo", "Olympic", "County"],
+         "a": ["2", "3", "4", "1"], "b": ["0", "1"], "day": ["Saturday", "Sunday", "Tuesday", "Wednesday"],
+         "crowd": [f"{i},000" for i in range(5, 60, 5)], "player": ["Silva", "Okafor", "Jensen", "Moreau", "Tanaka"],
+         "player2": ["Novak", "Costa", "Haddad", "Berg", "Ito"], "minute": [str(i) for i in range(4, 90)],
+         "word": ["solid", "shaky", "brilliant", "calm", "tireless"]},
+    ),
+}
+
+
+def _domain_task(name: str, n_train: int, n_test: int, seed: int) -> Task:
+    sentences, slots = _DOMAINS[name]
+    rng = random.Random(f"domains/{name}/{seed}")
+    texts: list[str] = []
+    seen: set[str] = set()
+    while len(texts) < n_train + n_test:
+        text = " ".join(s.format(**{k: rng.choice(v) for k, v in slots.items()}) for s in sentences)
+        if text not in seen:
+            seen.add(text)
+            texts.append(text)
+    examples = [Example("", t) for t in texts]
+    return Task(name, examples[n_test:], examples[:n_test], metric="perplexity", answer_prefix="")
+
+
+def domains_stream(n_train: int = 300, n_test: int = 50, seed: int = 0) -> Stream:
+    return Stream("domains", [_domain_task(n, n_train, n_test, seed) for n in _DOMAINS],
+                  description="three raw-text domains for continual pre-training, scored by perplexity")
+
+
 BUILTIN_STREAMS: dict[str, tuple[Callable[[], Stream], str]] = {
     "numbers": (numbers_stream, "4 yes/no rules over the same 3-digit numbers (parity, magnitude, has-seven, odd-lead)"),
+    "domains": (domains_stream, "3 raw-text domains (recipes, weather, football) for continual pre-training; perplexity"),
 }
 
 

@@ -136,5 +136,6 @@ def load_task(spec) -> Task:
         metric=spec.metric,
         format=spec.format,
         template=spec.template,
-        answer_prefix=spec.answer_prefix,
+        # Raw text (perplexity) is scored as written, with no space before it.
+        answer_prefix=spec.answer_prefix if spec.answer_prefix is not None else ("" if spec.metric == "perplexity" else None),
     )

@@ -28,6 +28,8 @@ class Item:
     task: str
     prompt: str
     target: str
+    #: False: the loop puts no language-modelling loss on this item (a strategy scores it).
+    lm_loss: bool = True
 
 
 @dataclass

@@ -35,7 +35,7 @@ from retain.reporting.compare import compare_plot, comparison_table
 ROOT = Path(__file__).resolve().parents[1]
 SUITES = {
     "engine": ["naive", "lora", "lora-per-task", "lora-replay", "joint"],
-    "regularization": ["naive", "ewc", "ewc-online", "lwf", "distill-replay", "sparse", "lora-replay-ewc"],
+    "regularization": ["naive", "ewc", "lwf", "distill-replay", "sparse", "ewc-online", "lora-replay-ewc"],
     "cpt": ["cpt-plain", "cpt-rewarm", "cpt-mix", "cpt-rewarm-mix"],
 }
 # Where a suite's directory of per-run results lives (the engine suite predates suites).
@@ -115,6 +115,8 @@ def main() -> None:
     ap.add_argument("--suite", choices=sorted(SUITES), default="engine")
     ap.add_argument("--only", default=None, help="comma-separated subset of the suite's runs")
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench"))
+    ap.add_argument("--summarize-only", action="store_true",
+                    help="rebuild the summary from the per-run results already in benchmarks/results/<suite>/")
     args = ap.parse_args()
     folder = FOLDER[args.suite]
 
@@ -124,6 +126,10 @@ def main() -> None:
         reused = RESULTS / "stream" / f"{name}.json"
         if args.suite == "regularization" and name == "naive" and reused.is_file():
             results[name] = load_results(reused)  # the same config, measured by the engine suite
+            continue
+        if args.summarize_only:
+            if (RESULTS / folder / f"{name}.json").is_file():
+                results[name] = load_results(RESULTS / folder / f"{name}.json")
             continue
         # One process per run, exactly as a user runs it, so peak memory is the run's own.
         start = time.perf_counter()

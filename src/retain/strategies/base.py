@@ -50,7 +50,8 @@ class Strategy:
     incompatible: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, options: BaseModel | None = None) -> None:
-        self.options = options
+        # Strategies built outside a config (tests, notebooks) get their default options.
+        self.options = options if options is not None or self.Options is None else self.Options()
 
     def setup(self, ctx: Context) -> torch.nn.Module | None:
         """Once, before the base evaluation. Return a replacement model (e.g. a PEFT wrapper)."""

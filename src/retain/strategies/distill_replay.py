@@ -68,7 +68,7 @@ class DistillReplay(Strategy):
     Options = DistillReplayOptions
 
     def __init__(self, options: DistillReplayOptions | None = None) -> None:
-        super().__init__(options or DistillReplayOptions())
+        super().__init__(options)
         self.memory = Reservoir(self.options.buffer_size)
         self._fresh: list[Item] = []
         self._replayed: dict[int, Record] = {}

@@ -37,7 +37,7 @@ class EWC(Strategy):
     incompatible = frozenset({"lora-per-task"})
 
     def __init__(self, options: EWCOptions | None = None) -> None:
-        super().__init__(options or EWCOptions())
+        super().__init__(options)
         # One (fisher, anchor) pair per task, or a single running pair when online.
         self.terms: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
         self._stats: dict = {}

@@ -40,7 +40,7 @@ class LwF(Strategy):
     incompatible = frozenset({"lora-per-task"})
 
     def __init__(self, options: LwFOptions | None = None) -> None:
-        super().__init__(options or LwFOptions())
+        super().__init__(options)
         self.params: list[torch.nn.Parameter] = []
         self.snapshot: list[torch.Tensor] = []
 

@@ -25,7 +25,7 @@ class Mix(Strategy):
     Options = MixOptions
 
     def __init__(self, options: MixOptions | None = None) -> None:
-        super().__init__(options or MixOptions())
+        super().__init__(options)
         self.pool: list[Item] = []
         self.rng = random.Random(0)
 

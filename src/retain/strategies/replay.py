@@ -68,7 +68,7 @@ class Replay(Strategy):
     Options = ReplayOptions
 
     def __init__(self, options: ReplayOptions | None = None) -> None:
-        super().__init__(options or ReplayOptions())
+        super().__init__(options)
         self.memory = Reservoir(self.options.buffer_size)
         self._current: list[Item] = []
 

@@ -51,7 +51,7 @@ class Sparse(Strategy):
     incompatible = frozenset({"lora-per-task"})
 
     def __init__(self, options: SparseOptions | None = None) -> None:
-        super().__init__(options or SparseOptions())
+        super().__init__(options)
         self._hooks: list = []
         self._before: dict[str, torch.Tensor] = {}
         self._stats: dict = {}

@@ -208,3 +208,13 @@ def test_out_of_range_options_are_refused_with_the_range(section, fragment):
     with pytest.raises(RetainError) as info:
         validate_config({"name": "x", "model": "tiny-random", "stream": "numbers", **section})
     assert fragment in str(info.value)
+
+
+def test_ewc_normalized_fisher_has_mean_one(tiny_config, tmp_path):
+    ctx, stack, run = _setup(tiny_config(strategy="ewc", ewc={"normalize": True, "fisher_samples": 3}), tmp_path)
+    ctx.phase = 0
+    ewc = _strategy(stack, "ewc")
+    ewc.after_task(ctx, [ctx.stream.tasks[0]])
+    fisher, _ = ewc.terms[0]
+    mean = sum(f.sum() for f in fisher.values()) / sum(f.numel() for f in fisher.values())
+    assert mean.item() == pytest.approx(1.0, rel=1e-5)

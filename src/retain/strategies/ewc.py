@@ -26,6 +26,9 @@ class EWCOptions(BaseModel):
     fisher_samples: int = Field(default=32, ge=1, description="examples per Fisher estimate")
     online: bool = False
     gamma: float = Field(default=1.0, gt=0, le=1, description="decay of the running Fisher (online)")
+    # A task fit to near-zero loss has vanishing target gradients, so its raw Fisher can be
+    # ~1e-14 and no fixed lambda fits every task; normalized, each estimate has mean 1.
+    normalize: bool = Field(default=False, description="divide each Fisher estimate by its mean")
 
 
 @register
@@ -62,6 +65,9 @@ class EWC(Strategy):
         items = [it for t in tasks for it in t.items(ctx.tokenizer)]
         fisher = diagonal_fisher(ctx.model, ctx.tokenizer, items, params, self.options.fisher_samples,
                                  ctx.config.train.max_length, seed=ctx.config.seed * 1000 + ctx.phase)
+        if self.options.normalize:
+            mean = sum(f.sum() for f in fisher.values()) / sum(f.numel() for f in fisher.values())
+            fisher = {k: v / mean.clamp(min=torch.finfo(torch.float32).tiny) for k, v in fisher.items()}
         anchor = {k: p.detach().clone() for k, p in params.items()}
         if self.options.online and self.terms:
             old, _ = self.terms[0]

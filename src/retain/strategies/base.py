@@ -8,7 +8,7 @@ a third class.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, ContextManager, Iterator
 
@@ -33,7 +33,6 @@ class Context:
     stream: "Stream"
     run_dir: Path | None = None
     phase: int = -1
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 class Strategy:

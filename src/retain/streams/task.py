@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 Metric = Literal["exact_match", "choice", "perplexity"]
@@ -72,7 +72,6 @@ class Stream:
     tasks: list[Task]
     probe: Task | None = None
     description: str = ""
-    meta: dict = field(default_factory=dict)
 
     @property
     def task_names(self) -> list[str]:

@@ -73,6 +73,18 @@ class EvalConfig(_Strict):
     probe_max: int | None = Field(default=None, ge=1)
 
 
+class AnalysisConfig(_Strict):
+    """Update analysis (dW = W - W0): off unless enabled, since it keeps a copy of W0."""
+
+    enabled: bool = False
+    every: int = Field(default=0, ge=0, description="steps between measurements in a phase; 0: phase ends only")
+    kl_prompts: int = Field(default=32, ge=0, description="held-out prompts for KL(fine-tuned || base)")
+    probe: bool = Field(default=False, description="score the probe at in-phase measurements too")
+    ranks: bool = Field(default=True, description="90%-energy rank of every matrix (one SVD each)")
+    energy: float = Field(default=0.9, gt=0, le=1)
+    taus: list[float] = Field(default_factory=lambda: [1e-6, 1e-5], min_length=1)
+
+
 class RunConfig(BaseModel):
     """A whole run. Unknown top-level keys must be a registered strategy's options section."""
 
@@ -88,6 +100,7 @@ class RunConfig(BaseModel):
     output_dir: str = "runs"
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
 
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":

@@ -75,6 +75,11 @@ class Strategy:
         """A learning-rate scheduler for this phase (default: constant after ``train.warmup_steps``)."""
         return None
 
+    def step(self, ctx: Context, items: list["Item"]) -> tuple[float, int] | None:
+        """Replace the gradient step on a batch (evolution strategies): update the weights and
+        return (a loss to report, tokens processed); None keeps the loop's gradient step."""
+        return None
+
     def extra_loss(self, ctx: Context, batch: dict[str, torch.Tensor], outputs: Any,
                    items: list["Item"]) -> torch.Tensor | None:
         """A term added to the language-modelling loss (EWC penalty, distillation)."""
@@ -212,6 +217,13 @@ class StrategyStack:
             scheduler = s.schedule(ctx, optimizer, steps)
             if scheduler is not None:
                 return scheduler
+        return None
+
+    def step(self, ctx: Context, items: list["Item"]) -> tuple[float, int] | None:
+        for s in self.strategies:
+            result = s.step(ctx, items)
+            if result is not None:
+                return result
         return None
 
     def extra_loss(self, ctx: Context, batch: dict[str, torch.Tensor], outputs: Any,

@@ -1,0 +1,71 @@
+"""ES and the update analysis inside real runs on tiny-random."""
+
+import json
+
+import pytest
+import torch
+
+from retain.config import load_config
+from retain.loop import execute
+from retain.strategies.lora import LoraOptions  # noqa: F401 - registers lora
+
+ES = {"population": 4, "sigma": 0.05, "alpha": 0.05, "max_new_tokens": 3}
+
+
+def test_es_run_writes_the_same_schema_as_gradient_runs_and_records_updates(tiny_config, tmp_path):
+    analysis = {"enabled": True, "every": 1, "kl_prompts": 4, "probe": True}
+    es = execute(load_config(tiny_config("es", strategy="es", es=ES, analysis=analysis, train__max_steps=2)),
+                 quiet=True)
+    sft = execute(load_config(tiny_config("sft", strategy="naive", analysis=analysis, train__max_steps=2)),
+                  quiet=True)
+    assert set(es) == set(sft)
+    assert es["strategy_stats"][0]["es"]["iterations"] == 2
+    assert es["timings"][0]["steps"] == 2 and es["timings"][0]["tokens"] > 0
+    for results in (es, sft):
+        steps = [u["global_step"] for u in results["updates"]]
+        assert steps == [1, 2, 3, 4]  # every step, phase ends included, numbered through the stream
+        last = results["updates"][-1]
+        assert last["norm"]["abs"] > 0 and last["kl_base"] >= 0 and last["probe"] == results["probe"]["after_phase"][-1]
+        assert 0 < last["density"]["fp32"]["1e-06"] <= 1
+    # ES moves every weight (dense noise); the report shows the analysis.
+    assert es["updates"][-1]["density"]["fp32"]["1e-06"] > 0.99
+    report = (tmp_path / "runs" / "es" / "report.md").read_text()
+    assert "Update analysis" in report and (tmp_path / "runs" / "es" / "plots" / "updates.png").is_file()
+    saved = json.loads((tmp_path / "runs" / "es" / "results.json").read_text())
+    assert saved["updates"] == es["updates"]
+
+
+def test_lora_es_moves_only_adapter_weights(tiny_config, tmp_path):
+    from retain.loop import restore
+
+    # LoRA's B starts at zero: only a large sigma moves the answers enough to rank members.
+    es = {**ES, "sigma": 2.0, "population": 6}
+    cfg = load_config(tiny_config("lora-es", strategy="lora+es", es=es, train__max_steps=2))
+    results = execute(cfg, quiet=True)
+    stats = [s["es"] for s in results["strategy_stats"]]
+    assert any(s["flat_iterations"] < s["iterations"] for s in stats)
+    ctx, _ = restore(tmp_path / "runs" / "lora-es")
+    from retain.models import load_model
+
+    base, _ = load_model("tiny-random", seed=cfg.seed)
+    base_state = base.state_dict()
+    for name, p in ctx.model.named_parameters():
+        if "lora_" not in name:
+            key = name.replace("base_model.model.", "").replace(".base_layer", "")
+            assert torch.equal(p, base_state[key]), name
+
+
+def test_es_refuses_perplexity_tasks(tmp_path):
+    from retain.errors import RetainError
+
+    cfg = load_config_from({"name": "x", "model": "tiny-random", "stream": "domains", "strategy": "es",
+                            "output_dir": str(tmp_path)})
+    with pytest.raises(RetainError, match="perplexity"):
+        execute(cfg, quiet=True)
+    assert not (tmp_path / "x").exists()
+
+
+def load_config_from(data):
+    from retain.config import validate_config
+
+    return validate_config(data)

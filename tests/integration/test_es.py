@@ -69,3 +69,21 @@ def load_config_from(data):
     from retain.config import validate_config
 
     return validate_config(data)
+
+
+def test_parallel_workers_give_the_serial_result(tiny_config, tmp_path):
+    from retain.loop import restore
+
+    runs = {}
+    for workers in (1, 2):
+        name = f"w{workers}"
+        cfg = load_config(tiny_config(name, strategy="es", es={**ES, "workers": workers}, train__max_steps=2))
+        runs[workers] = execute(cfg, quiet=True)
+        ctx, _ = restore(tmp_path / "runs" / name)
+        runs[workers]["weights"] = {n: p.detach().clone() for n, p in ctx.model.named_parameters()}
+    assert runs[1]["R"] == runs[2]["R"]
+    assert [s["es"]["reward_last"] for s in runs[1]["strategy_stats"]] == \
+        [s["es"]["reward_last"] for s in runs[2]["strategy_stats"]]
+    assert any(s["es"]["flat_iterations"] < s["es"]["iterations"] for s in runs[1]["strategy_stats"])
+    for n, p in runs[1]["weights"].items():
+        assert torch.equal(p, runs[2]["weights"][n]), n

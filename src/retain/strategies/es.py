@@ -19,6 +19,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from retain.evaluation.scoring import generate, normalize
+from retain.es_workers import WorkerPool
 from retain.evolution import Perturbation, apply_update, unique_parameters, zscore
 from retain.strategies.base import Context, Strategy, register
 from retain.streams.task import Item
@@ -37,6 +38,7 @@ class ESOptions(BaseModel):
     top_fraction: float | None = Field(default=None, gt=0, le=1, description="apply only this fraction of "
                                        "each tensor's update coordinates (largest first)")
     anchor_decay: float = Field(default=0.0, ge=0, lt=1, description="pull toward the base weights per iteration")
+    workers: int = Field(default=1, ge=1, description="processes scoring the population (CPU; same results)")
 
     @field_validator("format_pattern")
     @classmethod
@@ -79,6 +81,7 @@ class ES(Strategy):
         self.anchor: dict[str, torch.Tensor] | None = None
         self._stats: dict = {}
         self._iterations: list[dict] = []
+        self.pool: WorkerPool | None = None
 
     def setup(self, ctx: Context) -> None:
         bad = [t.name for t in ctx.stream.tasks if t.metric == "perplexity"]
@@ -94,6 +97,15 @@ class ES(Strategy):
 
     def before_task(self, ctx: Context, tasks) -> None:
         self._iterations = []
+
+    def after_task(self, ctx: Context, tasks) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+
+    def _update(self, params, members, z) -> int:
+        o = self.options
+        return apply_update(params, members, z, o.alpha, o.top_fraction, self.anchor, o.anchor_decay)
 
     def population_rewards(self, ctx: Context, items: list[Item], members: list[tuple[int, int]],
                            params) -> tuple[list[float], int]:
@@ -125,9 +137,18 @@ class ES(Strategy):
         model.eval()
         try:
             members = self.members(ctx)
-            rewards, fixes = self.population_rewards(ctx, items, members, params)
+            if o.workers > 1 and self.pool is None:
+                # Forked now, at the phase's first iteration: the workers hold this phase's weights.
+                self.pool = WorkerPool(o.workers, lambda its, ms: self.population_rewards(ctx, its, ms, params),
+                                       lambda ms, zs: self._update(params, ms, zs))
+            if self.pool is not None:
+                rewards, fixes = self.pool.score(items, members)
+            else:
+                rewards, fixes = self.population_rewards(ctx, items, members, params)
             z = zscore(rewards)
-            changed = apply_update(params, members, z, o.alpha, o.top_fraction, self.anchor, o.anchor_decay)
+            if self.pool is not None:
+                self.pool.update(members, z)
+            changed = self._update(params, members, z)
         finally:
             model.train(was_training)
         mean = sum(rewards) / len(rewards)

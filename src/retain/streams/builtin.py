@@ -103,8 +103,26 @@ def domains_stream(n_train: int = 300, n_test: int = 50, seed: int = 0) -> Strea
                   description="three raw-text domains for continual pre-training, scored by perplexity")
 
 
+def arithmetic_stream(n_test: int = 50, seed: int = 0) -> Stream:
+    """One multiplication task with a verifiable answer in a fixed format, for reward-driven
+    fine-tuning (ES, GRPO) against supervised fine-tuning.
+
+    a in 2..19, b in 2..9 (144 products); the embedded model answers some right in the
+    asked format ("7 * 8 = 56") and many not, so the reward has room to rise.
+    """
+    rng = random.Random(f"arithmetic/{seed}")
+    pairs = [(a, b) for a in range(2, 20) for b in range(2, 10)]
+    rng.shuffle(pairs)
+    examples = [Example(f"What is {a} * {b}? Answer in the form '{a} * {b} = result'.", f"{a} * {b} = {a * b}")
+                for a, b in pairs]
+    task = Task("multiply", examples[n_test:], examples[:n_test], metric="exact_match", format="chat")
+    return Stream("arithmetic", [task], description="one-digit and teen multiplication, exact answer")
+
+
 BUILTIN_STREAMS: dict[str, tuple[Callable[[], Stream], str]] = {
     "numbers": (numbers_stream, "4 yes/no rules over the same 3-digit numbers (parity, magnitude, has-seven, odd-lead)"),
+    "arithmetic": (arithmetic_stream, "1 task: multiplication with an exact answer 'a * b = c' (chat format); "
+                   "for ES against SFT and GRPO"),
     "domains": (domains_stream, "3 raw-text domains (recipes, weather, football) for continual pre-training; perplexity"),
 }
 

@@ -80,6 +80,7 @@ class AnalysisConfig(_Strict):
     every: int = Field(default=0, ge=0, description="steps between measurements in a phase; 0: phase ends only")
     kl_prompts: int = Field(default=32, ge=0, description="held-out prompts for KL(fine-tuned || base)")
     probe: bool = Field(default=False, description="score the probe at in-phase measurements too")
+    tasks: bool = Field(default=False, description="score the stream's tasks at in-phase measurements too")
     ranks: bool = Field(default=True, description="90%-energy rank of every matrix (one SVD each)")
     energy: float = Field(default=0.9, gt=0, le=1)
     taus: list[float] = Field(default_factory=lambda: [1e-6, 1e-5], min_length=1)

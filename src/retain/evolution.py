@@ -82,17 +82,17 @@ class Perturbation:
 
     def _step(self, index: int, p: torch.Tensor, c: int, sl: slice) -> tuple[torch.Tensor, torch.Tensor]:
         flat = _flat(p)
-        x = (self.scale * noise(self.seed, index, c, sl.stop - sl.start, p.device)).to(p.dtype)
-        return flat, x
+        x = noise(self.seed, index, c, sl.stop - sl.start, p.device).mul_(self.scale).to(p.dtype)
+        return flat[sl], x
 
     @torch.no_grad()
     def __enter__(self) -> "Perturbation":
         for index, (_, p) in enumerate(self.params):
             for c, sl in chunks(p):
-                flat, x = self._step(index, p, c, sl)
-                original = flat[sl].clone()
-                flat[sl] += x
-                wrong = ((flat[sl] - x) != original).nonzero().squeeze(1)
+                view, x = self._step(index, p, c, sl)
+                original = view.clone()
+                view.add_(x)
+                wrong = torch.ne(view - x, original).nonzero().squeeze(1)
                 if wrong.numel():
                     self.fixes.append((index, sl.start, wrong.to(torch.int32), original[wrong]))
         return self
@@ -101,8 +101,8 @@ class Perturbation:
     def __exit__(self, *exc) -> None:
         for index, (_, p) in enumerate(self.params):
             for c, sl in chunks(p):
-                flat, x = self._step(index, p, c, sl)
-                flat[sl] -= x
+                view, x = self._step(index, p, c, sl)
+                view.sub_(x)  # the very operation checked in __enter__
         for index, start, where, values in self.fixes:
             _flat(self.params[index][1])[start + where.long()] = values
         self.fixes = []

@@ -103,16 +103,21 @@ class Run:
         label = "+".join(t.name for t in tasks)
         done = sum(t["steps"] for t in self.state["timings"])
         with self.ui.bar(steps, f"train {label}") as advance:
-            for step, items_batch in enumerate(islice(batches, steps), 1):
-                # A strategy may replace the gradient step (evolution strategies update the
-                # weights themselves); otherwise: loss, backward, clip, optimizer step.
-                result = stack.step(ctx, items_batch) or self.gradient_step(
-                    ctx, stack, items_batch, params, optimizer, scheduler)
-                tokens += result[1]
-                losses.append(result[0])
+            def on_step(loss: float, n_tokens: int) -> None:
+                nonlocal tokens
+                tokens += n_tokens
+                losses.append(loss)
+                step = len(losses)
                 if self.tracker and step < steps and self.tracker.due(step, steps):
                     self.state.setdefault("updates", []).append(self.tracker.measure(ctx, phase, step, done + step))
-                advance(1, f"loss {losses[-1]:.3f}")
+                advance(1, f"loss {loss:.3f}")
+
+            # A strategy may train the phase itself (TRL's GRPO trainer) or replace each
+            # gradient step (evolution strategies); otherwise: loss, backward, clip, step.
+            if not stack.train_phase(ctx, tasks, steps, on_step):
+                for items_batch in islice(batches, steps):
+                    on_step(*(stack.step(ctx, items_batch)
+                              or self.gradient_step(ctx, stack, items_batch, params, optimizer, scheduler)))
         seconds = time.perf_counter() - start
         ctx.model.eval()
         # Accelerate keeps every prepared optimizer alive; drop this phase's (and its
@@ -227,8 +232,10 @@ def execute(config: RunConfig, *, run_dir: Path | None = None, resume: bool = Fa
         run.state["probe"].append(probe)
         if tracker:
             steps_done = sum(t["steps"] for t in run.state["timings"]) + timing["steps"]
-            record = tracker.measure(ctx, phase, timing["steps"], steps_done)
-            run.state.setdefault("updates", []).append({**record, "probe": probe})
+            # The phase end is scored by the evaluation just done; the tracker only measures dW.
+            record = tracker.measure(ctx, phase, timing["steps"], steps_done, score=False)
+            scores = dict(zip(ctx.stream.task_names, row))
+            run.state.setdefault("updates", []).append({**record, "probe": probe, "scores": scores})
         run.state["phases"].append(timing["tasks"])
         run.state["timings"].append(timing)
         run.state.setdefault("strategy_stats", []).append(stack.stats())

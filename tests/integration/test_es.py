@@ -13,7 +13,7 @@ ES = {"population": 4, "sigma": 0.05, "alpha": 0.05, "max_new_tokens": 3}
 
 
 def test_es_run_writes_the_same_schema_as_gradient_runs_and_records_updates(tiny_config, tmp_path):
-    analysis = {"enabled": True, "every": 1, "kl_prompts": 4, "probe": True}
+    analysis = {"enabled": True, "every": 1, "kl_prompts": 4, "probe": True, "tasks": True}
     es = execute(load_config(tiny_config("es", strategy="es", es=ES, analysis=analysis, train__max_steps=2)),
                  quiet=True)
     sft = execute(load_config(tiny_config("sft", strategy="naive", analysis=analysis, train__max_steps=2)),
@@ -27,6 +27,8 @@ def test_es_run_writes_the_same_schema_as_gradient_runs_and_records_updates(tiny
         last = results["updates"][-1]
         assert last["norm"]["abs"] > 0 and last["kl_base"] >= 0 and last["probe"] == results["probe"]["after_phase"][-1]
         assert 0 < last["density"]["fp32"]["1e-06"] <= 1
+        assert last["scores"] == pytest.approx(dict(zip(results["tasks"], results["R"][-1])), abs=1e-3)
+        assert set(results["updates"][0]["scores"]) == set(results["tasks"])  # in-phase: scored by the tracker
     # ES moves every weight (dense noise); the report shows the analysis.
     assert es["updates"][-1]["density"]["fp32"]["1e-06"] > 0.99
     report = (tmp_path / "runs" / "es" / "report.md").read_text()
@@ -87,3 +89,24 @@ def test_parallel_workers_give_the_serial_result(tiny_config, tmp_path):
     assert any(s["es"]["flat_iterations"] < s["es"]["iterations"] for s in runs[1]["strategy_stats"])
     for n, p in runs[1]["weights"].items():
         assert torch.equal(p, runs[2]["weights"][n]), n
+
+
+def test_grpo_trains_through_trl_and_writes_the_same_schema(tiny_config, tmp_path):
+    analysis = {"enabled": True, "every": 1, "kl_prompts": 4}
+    grpo = execute(load_config(tiny_config("grpo", strategy="grpo", analysis=analysis, train__max_steps=2,
+                                           train__lr=1e-2, grpo={"num_generations": 2, "max_completion_length": 4,
+                                                                 "format_weight": 1.0})), quiet=True)
+    sft = execute(load_config(tiny_config("sft", strategy="naive", train__max_steps=2)), quiet=True)
+    assert set(grpo) == set(sft)
+    assert [t["steps"] for t in grpo["timings"]] == [2, 2] and grpo["timings"][0]["tokens"] > 0
+    assert [u["global_step"] for u in grpo["updates"]] == [1, 2, 3, 4]
+    assert grpo["updates"][-1]["norm"]["abs"] > 0  # the policy moved
+    assert grpo["strategy_stats"][0]["grpo"]["reward_last"] is not None
+
+
+def test_grpo_refuses_a_batch_that_does_not_hold_whole_groups(tiny_config, tmp_path):
+    from retain.errors import RetainError
+
+    with pytest.raises(RetainError, match="multiple of grpo.num_generations"):
+        execute(load_config(tiny_config("g", strategy="grpo", train__batch_size=3)), quiet=True)
+    assert not (tmp_path / "runs" / "g").exists()

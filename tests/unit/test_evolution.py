@@ -5,7 +5,8 @@ import torch
 
 from retain.evolution import CHUNK, Perturbation, apply_update, full_noise, noise_seed, unique_parameters, zscore
 from retain.models import load_model
-from retain.strategies.es import ESOptions, reward
+from retain.rewards import answer_reward as reward
+from retain.strategies.es import ESOptions
 
 
 @pytest.fixture(scope="module")

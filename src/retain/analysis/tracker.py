@@ -13,6 +13,7 @@ from typing import Any, Iterator
 import torch
 
 from retain.analysis.updates import next_token_kl, summarize
+from retain.evaluation.scoring import score_task
 
 
 def _lora_layers(model) -> Iterator[tuple[str, Any]]:
@@ -80,7 +81,7 @@ class UpdateTracker:
                 yield f"{name}.weight", w0, w0 + delta.to(w0.dtype)
 
     @torch.no_grad()
-    def measure(self, ctx, phase: int, step: int, global_step: int) -> dict[str, Any]:
+    def measure(self, ctx, phase: int, step: int, global_step: int, score: bool = True) -> dict[str, Any]:
         start = time.perf_counter()
         o = self.options
         record = {"phase": phase, "step": step, "global_step": global_step,
@@ -88,10 +89,11 @@ class UpdateTracker:
         if self.base_logits is not None:
             logits = next_token_logits(ctx.model, ctx.tokenizer, self.prompts)
             record["kl_base"] = next_token_kl(logits, self.base_logits)
-        if o.probe and ctx.stream.probe is not None:
-            from retain.evaluation.scoring import score_task
-
-            record["probe"] = score_task(ctx.model, ctx.tokenizer, ctx.stream.probe,
-                                         batch_size=ctx.config.eval.batch_size)
+        ev = ctx.config.eval
+        if score and o.tasks:
+            record["scores"] = {t.name: score_task(ctx.model, ctx.tokenizer, t, batch_size=ev.batch_size,
+                                                   max_new_tokens=ev.max_new_tokens) for t in ctx.stream.tasks}
+        if score and o.probe and ctx.stream.probe is not None:
+            record["probe"] = score_task(ctx.model, ctx.tokenizer, ctx.stream.probe, batch_size=ev.batch_size)
         record["seconds"] = round(time.perf_counter() - start, 3)
         return record

@@ -12,14 +12,14 @@ alpha=5e-4.
 from __future__ import annotations
 
 import random
-import re
 import time
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from retain.evaluation.scoring import generate, normalize
+from retain.evaluation.scoring import generate
 from retain.es_workers import WorkerPool
+from retain.rewards import FormatPattern, answer_reward
 from retain.evolution import Perturbation, apply_update, unique_parameters, zscore
 from retain.strategies.base import Context, Strategy, register
 from retain.streams.task import Item
@@ -32,7 +32,7 @@ class ESOptions(BaseModel):
     alpha: float = Field(default=5e-4, gt=0, description="step size")
     antithetic: bool = Field(default=False, description="members in +/- pairs sharing a seed (N even)")
     format_weight: float = Field(default=0.1, ge=0, description="reward for the expected answer format")
-    format_pattern: str | None = Field(default=None, description="regex the answer's first line must match "
+    format_pattern: FormatPattern = Field(default=None, description="regex the answer's first line must match "
                                        "(default: as many words as the gold answer)")
     max_new_tokens: int = Field(default=16, ge=1)
     top_fraction: float | None = Field(default=None, gt=0, le=1, description="apply only this fraction of "
@@ -40,31 +40,11 @@ class ESOptions(BaseModel):
     anchor_decay: float = Field(default=0.0, ge=0, lt=1, description="pull toward the base weights per iteration")
     workers: int = Field(default=1, ge=1, description="processes scoring the population (CPU; same results)")
 
-    @field_validator("format_pattern")
-    @classmethod
-    def _compiles(cls, v: str | None) -> str | None:
-        if v is not None:
-            try:
-                re.compile(v)
-            except re.error as exc:
-                raise ValueError(f"not a valid regular expression: {exc}") from None
-        return v
-
     @model_validator(mode="after")
     def _even(self) -> "ESOptions":
         if self.antithetic and self.population % 2:
             raise ValueError(f"antithetic pairs need an even population, got {self.population}")
         return self
-
-
-def reward(answer: str, gold: str, format_weight: float, pattern: str | None) -> float:
-    """1 for the exact answer, plus ``format_weight`` when the answer has the expected shape."""
-    got, want = normalize(answer), normalize(gold)
-    if pattern is not None:
-        shaped = re.fullmatch(pattern, answer.strip().split("\n", 1)[0].strip()) is not None
-    else:
-        shaped = bool(got) and len(got.split()) == len(want.split())
-    return float(got == want) + format_weight * float(shaped)
 
 
 @register
@@ -117,7 +97,7 @@ class ES(Strategy):
             with Perturbation(params, seed, sign * o.sigma) as perturbed:
                 most_fixes = max(most_fixes, perturbed.fixed_entries)
                 answers = generate(model, ctx.tokenizer, prompts, o.max_new_tokens, ctx.config.eval.batch_size)
-            rewards.append(sum(reward(a, it.target, o.format_weight, o.format_pattern)
+            rewards.append(sum(answer_reward(a, it.target, o.format_weight, o.format_pattern)
                                for a, it in zip(answers, items)) / len(items))
         return rewards, most_fixes
 

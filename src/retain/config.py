@@ -71,6 +71,14 @@ class EvalConfig(_Strict):
     max_new_tokens: int = Field(default=16, ge=1)
     probe: bool = True
     probe_max: int | None = Field(default=None, ge=1)
+    probe_file: str | None = Field(default=None, description="your own probe: JSONL/CSV of input, output, options")
+    probe_template: str = Field(default="Question: {input}\nAnswer:", description="prompt of each probe item")
+
+    @model_validator(mode="after")
+    def _template(self) -> "EvalConfig":
+        if "{input}" not in self.probe_template:
+            raise ValueError("probe_template must contain '{input}'")
+        return self
 
 
 class AnalysisConfig(_Strict):

@@ -125,3 +125,14 @@ def test_es_options_refuse_bad_values():
         ESOptions(population=5, antithetic=True)
     with pytest.raises(ValueError, match="regular expression"):
         ESOptions(format_pattern="(")
+
+
+def test_countdown_reward_checks_numbers_target_and_tags():
+    from retain.rewards import countdown_reward
+
+    prompt = "Using the numbers [3, 7, 25], create an equation that equals 46."
+    assert countdown_reward("<answer>25 + 7 * 3</answer>", prompt, "46", 0.1) == pytest.approx(1.1)
+    assert countdown_reward("(25 - 3) * 7", prompt, "46", 0.1) == 0.0           # 154, untagged
+    assert countdown_reward("<answer>25 + 21</answer>", prompt, "46", 0.1) == pytest.approx(0.1)  # wrong numbers
+    assert countdown_reward("<answer>__import__('os')</answer>", prompt, "46", 0.1) == pytest.approx(0.1)
+    assert countdown_reward("<answer>25 / (7 - 7) + 3</answer>", prompt, "46", 0.0) == 0.0

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from retain.evaluation.scoring import generate
 from retain.es_workers import WorkerPool
-from retain.rewards import FormatPattern, answer_reward
+from retain.rewards import FormatPattern, RewardKind, score
 from retain.evolution import Perturbation, apply_update, unique_parameters, zscore
 from retain.strategies.base import Context, Strategy, register
 from retain.streams.task import Item
@@ -31,6 +31,7 @@ class ESOptions(BaseModel):
     sigma: float = Field(default=1e-3, gt=0, description="perturbation scale")
     alpha: float = Field(default=5e-4, gt=0, description="step size")
     antithetic: bool = Field(default=False, description="members in +/- pairs sharing a seed (N even)")
+    reward: RewardKind = Field(default="exact", description="exact gold answer, or a valid Countdown equation")
     format_weight: float = Field(default=0.1, ge=0, description="reward for the expected answer format")
     format_pattern: FormatPattern = Field(default=None, description="regex the answer's first line must match "
                                        "(default: as many words as the gold answer)")
@@ -97,7 +98,7 @@ class ES(Strategy):
             with Perturbation(params, seed, sign * o.sigma) as perturbed:
                 most_fixes = max(most_fixes, perturbed.fixed_entries)
                 answers = generate(model, ctx.tokenizer, prompts, o.max_new_tokens, ctx.config.eval.batch_size)
-            rewards.append(sum(answer_reward(a, it.target, o.format_weight, o.format_pattern)
+            rewards.append(sum(score(o.reward, a, it.prompt, it.target, o.format_weight, o.format_pattern)
                                for a, it in zip(answers, items)) / len(items))
         return rewards, most_fixes
 

@@ -16,7 +16,7 @@ from typing import Callable
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from retain.rewards import FormatPattern, answer_reward
+from retain.rewards import FormatPattern, RewardKind, score
 from retain.strategies.base import Context, Strategy, register
 
 
@@ -26,6 +26,7 @@ class GRPOOptions(BaseModel):
     num_generations: int = Field(default=4, ge=2, description="completions sampled per prompt (the group)")
     max_completion_length: int = Field(default=16, ge=1)
     temperature: float = Field(default=1.0, gt=0)
+    reward: RewardKind = "exact"
     format_weight: float = Field(default=0.1, ge=0)
     format_pattern: FormatPattern = None
 
@@ -54,8 +55,9 @@ class GRPO(Strategy):
     def reward_fn(self):
         o = self.options
 
-        def reward(completions, answer, **_):
-            return [answer_reward(c, a, o.format_weight, o.format_pattern) for c, a in zip(completions, answer)]
+        def reward(prompts, completions, answer, **_):
+            return [score(o.reward, c, p, a, o.format_weight, o.format_pattern)
+                    for p, c, a in zip(prompts, completions, answer)]
         return reward
 
     def train_phase(self, ctx: Context, tasks, steps: int, on_step: Callable[[float, int], None]) -> bool:

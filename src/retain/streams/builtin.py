@@ -133,17 +133,23 @@ def builtin_stream(name: str) -> Stream:
     return BUILTIN_STREAMS[name][0]()
 
 
-def probe_task(limit: int | None = None) -> Task:
-    """General knowledge the embedded model already has (facts it scores right before training).
+def probe_task(limit: int | None = None, path: str | None = None, template: str = "Question: {input}\nAnswer:") -> Task:
+    """General knowledge the model already has, scored by choice log-likelihood.
 
-    Built by ``scripts/build_probe.py``: candidate facts with four options, kept only where
-    the base SmolLM2-135M-Instruct ranks the right option first.
+    The built-in probe (``scripts/build_probe.py``): candidate facts with four options, kept
+    only where the base SmolLM2-135M-Instruct ranks the right option first. ``path``: your
+    own probe file (input, output, options), e.g. HellaSwag converted to that form.
     """
-    text = resources.files("retain.streams").joinpath("data/probe.jsonl").read_text(encoding="utf-8")
-    examples = []
-    for line in text.splitlines():
-        rec = json.loads(line)
-        examples.append(Example(rec["input"], rec["output"], tuple(rec["options"])))
+    from retain.streams.loaders import load_file
+
+    if path is not None:
+        # As a choice task: every line needs options; the output may be an option's index.
+        examples = load_file(path, input_field="input", output_field="output", options_field="options",
+                             metric="choice")
+    else:
+        text = resources.files("retain.streams").joinpath("data/probe.jsonl").read_text(encoding="utf-8")
+        examples = [Example(rec["input"], rec["output"], tuple(rec["options"]))
+                    for rec in map(json.loads, text.splitlines())]
     if limit:
         examples = examples[:limit]
-    return Task("probe", [], examples, metric="choice", template="Question: {input}\nAnswer:")
+    return Task("probe", [], examples, metric="choice", template=template)

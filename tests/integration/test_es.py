@@ -110,3 +110,45 @@ def test_grpo_refuses_a_batch_that_does_not_hold_whole_groups(tiny_config, tmp_p
     with pytest.raises(RetainError, match="multiple of grpo.num_generations"):
         execute(load_config(tiny_config("g", strategy="grpo", train__batch_size=3)), quiet=True)
     assert not (tmp_path / "runs" / "g").exists()
+
+
+def test_study_runs_each_arm_once_and_reports_them_side_by_side(tiny_config, tmp_path):
+    import yaml
+
+    from retain.study import run_study
+
+    analysis = {"enabled": True, "every": 1, "tasks": True, "probe": True, "kl_prompts": 2}
+    tiny_config("sft", analysis=analysis, train__max_steps=2)
+    tiny_config("es", strategy="es", es=ES, analysis=analysis, train__max_steps=2)
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump({"name": "s", "output_dir": str(tmp_path / "out"), "arms": [
+        "sft.yaml", "es.yaml", {"config": "es.yaml", "name": "es-sparse", "set": ["es.top_fraction=0.1"]}]}))
+    report = run_study(study, quiet=True)
+    text = report.read_text()
+    for arm in ("sft", "es", "es-sparse"):
+        assert f"| {arm} |" in text
+        assert (tmp_path / "out" / "s" / arm / "results.json").is_file()
+    assert (tmp_path / "out" / "s" / "study.png").is_file()
+    stamp = (tmp_path / "out" / "s" / "es" / "results.json").stat().st_mtime_ns
+    run_study(study, quiet=True)  # finished arms are not run again
+    assert (tmp_path / "out" / "s" / "es" / "results.json").stat().st_mtime_ns == stamp
+
+
+def test_study_refuses_arms_without_the_analysis_or_with_one_name(tiny_config, tmp_path):
+    import yaml
+
+    from retain.errors import RetainError
+    from retain.study import load_study
+
+    tiny_config("plain")
+    tiny_config("a", analysis={"enabled": True})
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump({"name": "s", "arms": ["plain.yaml"]}))
+    with pytest.raises(RetainError, match=r"arms\[0\] \(plain\).*analysis.enabled"):
+        load_study(study)
+    study.write_text(yaml.safe_dump({"name": "s", "arms": ["a.yaml", "a.yaml"]}))
+    with pytest.raises(RetainError, match="two arms are named 'a'"):
+        load_study(study)
+    study.write_text(yaml.safe_dump({"name": "s", "arms": [], "extra": 1}))
+    with pytest.raises(RetainError, match="study.yaml"):
+        load_study(study)

@@ -13,7 +13,7 @@ from typing import Any, Iterator
 import torch
 
 from retain.analysis.updates import next_token_kl, summarize
-from retain.evaluation.scoring import score_task
+from retain.evaluation.scoring import left_pad, score_task
 
 
 def _lora_layers(model) -> Iterator[tuple[str, Any]]:
@@ -36,12 +36,7 @@ def next_token_logits(model, tokenizer, prompts: list[str], batch_size: int = 16
     try:
         for start in range(0, len(prompts), batch_size):
             enc = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts[start:start + batch_size]]
-            width = max(len(e) for e in enc)
-            ids = torch.full((len(enc), width), tokenizer.pad_token_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, e in enumerate(enc):
-                ids[row, width - len(e):] = torch.tensor(e)
-                mask[row, width - len(e):] = 1
+            ids, mask = left_pad(enc, tokenizer.pad_token_id)
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, -1]
             out.append(logits.float().cpu())
     finally:

@@ -1,4 +1,4 @@
-"""The ``retain`` command line: run, report, compare, list, generate, validate."""
+"""The ``retain`` command line: run, report, compare, study, list, generate, validate."""
 
 from __future__ import annotations
 
@@ -115,6 +115,19 @@ def compare(
     out.print(table, markup=False, highlight=False)
     if out_dir:
         out.print(f"written: {out_dir / 'compare.md'}, {out_dir / 'compare.png'}")
+
+
+@app.command()
+def study(
+    config: Path = typer.Argument(..., help="YAML study: a name and a list of arms (run configs)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or per-task lines."),
+) -> None:
+    """Run every unfinished arm of a study (a killed one resumes), then write study.md side by side."""
+    from retain.study import run_study
+
+    path = run_study(config, quiet=quiet)
+    out.print(path.read_text(encoding="utf-8").split("![study]")[0], markup=False, highlight=False)
+    out.print(f"study report: {path}  (also study.png)")
 
 
 @app.command("list")

@@ -71,6 +71,27 @@ class EvalConfig(_Strict):
     max_new_tokens: int = Field(default=16, ge=1)
     probe: bool = True
     probe_max: int | None = Field(default=None, ge=1)
+    probe_file: str | None = Field(default=None, description="your own probe: JSONL/CSV of input, output, options")
+    probe_template: str = Field(default="Question: {input}\nAnswer:", description="prompt of each probe item")
+
+    @model_validator(mode="after")
+    def _template(self) -> "EvalConfig":
+        if "{input}" not in self.probe_template:
+            raise ValueError("probe_template must contain '{input}'")
+        return self
+
+
+class AnalysisConfig(_Strict):
+    """Update analysis (dW = W - W0): off unless enabled, since it keeps a copy of W0."""
+
+    enabled: bool = False
+    every: int = Field(default=0, ge=0, description="steps between measurements in a phase; 0: phase ends only")
+    kl_prompts: int = Field(default=32, ge=0, description="held-out prompts for KL(fine-tuned || base)")
+    probe: bool = Field(default=False, description="score the probe at in-phase measurements too")
+    tasks: bool = Field(default=False, description="score the stream's tasks at in-phase measurements too")
+    ranks: bool = Field(default=True, description="90%-energy rank of every matrix (one SVD each)")
+    energy: float = Field(default=0.9, gt=0, le=1)
+    taus: list[float] = Field(default_factory=lambda: [1e-6, 1e-5], min_length=1)
 
 
 class RunConfig(BaseModel):
@@ -88,6 +109,7 @@ class RunConfig(BaseModel):
     output_dir: str = "runs"
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
 
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":

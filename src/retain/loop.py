@@ -19,6 +19,7 @@ import random
 import resource
 import shutil
 import time
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from accelerate import Accelerator
 from transformers import get_scheduler
 
 from retain import checkpoint
+from retain.analysis import UpdateTracker
 from retain.config import RunConfig, validate_config
 from retain.errors import RetainError
 from retain.batching import batch_stream, collate
@@ -48,11 +50,11 @@ def peak_memory_mb() -> float:
 class Run:
     """A run directory being filled; holds what the checkpoint records."""
 
-    def __init__(self, config: RunConfig, run_dir: Path, ui: UI) -> None:
-        self.config, self.run_dir, self.ui = config, run_dir, ui
+    def __init__(self, config: RunConfig, run_dir: Path, ui: UI, tracker: UpdateTracker | None = None) -> None:
+        self.config, self.run_dir, self.ui, self.tracker = config, run_dir, ui, tracker
         self.state: dict[str, Any] = {
             "completed_phases": 0, "base": None, "base_probe": None, "R": [], "probe": [],
-            "phases": [], "timings": [], "trained_keys": [], "strategy": {},
+            "phases": [], "timings": [], "trained_keys": [], "strategy": {}, "updates": [],
         }
 
     # -- evaluation -----------------------------------------------------------------
@@ -95,34 +97,29 @@ class Run:
         optimizer, scheduler = ctx.accelerator.prepare(optimizer, scheduler)
         items = [item for task in tasks for item in task.items(ctx.tokenizer)]
         batches = stack.batches(ctx, tasks, batch_stream(items, cfg.batch_size, rng))
-        model = ctx.model
-        model.train()
+        ctx.model.train()
         tokens, losses = 0, []
         start = time.perf_counter()
         label = "+".join(t.name for t in tasks)
+        done = sum(t["steps"] for t in self.state["timings"])
         with self.ui.bar(steps, f"train {label}") as advance:
-            for _, items_batch in zip(range(steps), batches):
-                batch = collate(ctx.tokenizer, items_batch, cfg.max_length)
-                batch = {k: v.to(ctx.accelerator.device) for k, v in batch.items()}
-                with ctx.accelerator.autocast():
-                    outputs = model(**batch)
-                    # A batch of only strategy-scored items (distillation) has no LM loss.
-                    has_labels = bool((batch["labels"] != -100).any())
-                    loss = outputs.loss if has_labels else outputs.logits.sum() * 0.0
-                    extra = stack.extra_loss(ctx, batch, outputs, items_batch)
-                    if extra is not None:
-                        loss = loss + extra
-                ctx.accelerator.backward(loss)
-                if cfg.max_grad_norm:
-                    ctx.accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                tokens += int(batch["attention_mask"].sum())
-                losses.append(loss.item())
-                advance(1, f"loss {losses[-1]:.3f}")
+            def on_step(loss: float, n_tokens: int) -> None:
+                nonlocal tokens
+                tokens += n_tokens
+                losses.append(loss)
+                step = len(losses)
+                if self.tracker and step < steps and self.tracker.due(step, steps):
+                    self.state.setdefault("updates", []).append(self.tracker.measure(ctx, phase, step, done + step))
+                advance(1, f"loss {loss:.3f}")
+
+            # A strategy may train the phase itself (TRL's GRPO trainer) or replace each
+            # gradient step (evolution strategies); otherwise: loss, backward, clip, step.
+            if not stack.train_phase(ctx, tasks, steps, on_step):
+                for items_batch in islice(batches, steps):
+                    on_step(*(stack.step(ctx, items_batch)
+                              or self.gradient_step(ctx, stack, items_batch, params, optimizer, scheduler)))
         seconds = time.perf_counter() - start
-        model.eval()
+        ctx.model.eval()
         # Accelerate keeps every prepared optimizer alive; drop this phase's (and its
         # AdamW state, twice the trainable weights) before the next phase makes its own.
         del optimizer, scheduler
@@ -133,6 +130,28 @@ class Run:
             "tokens": tokens, "tokens_per_s": round(tokens / seconds, 1) if seconds else None,
             "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
         }
+
+    def gradient_step(self, ctx: Context, stack: StrategyStack, items: list, params: list, optimizer,
+                      scheduler) -> tuple[float, int]:
+        """One optimizer step on a batch; returns the loss and the batch's token count."""
+        cfg = self.config.train
+        batch = collate(ctx.tokenizer, items, cfg.max_length)
+        batch = {k: v.to(ctx.accelerator.device) for k, v in batch.items()}
+        with ctx.accelerator.autocast():
+            outputs = ctx.model(**batch)
+            # A batch of only strategy-scored items (distillation) has no LM loss.
+            has_labels = bool((batch["labels"] != -100).any())
+            loss = outputs.loss if has_labels else outputs.logits.sum() * 0.0
+            extra = stack.extra_loss(ctx, batch, outputs, items)
+            if extra is not None:
+                loss = loss + extra
+        ctx.accelerator.backward(loss)
+        if cfg.max_grad_norm:
+            ctx.accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item(), int(batch["attention_mask"].sum())
 
     def checkpoint(self, ctx: Context, stack: StrategyStack) -> None:
         self.state["strategy"] = stack.state_dict()
@@ -180,7 +199,9 @@ def execute(config: RunConfig, *, run_dir: Path | None = None, resume: bool = Fa
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ctx.run_dir = run_dir
-    run = Run(config, run_dir, ui)
+    # W0 for the update analysis: the model as set up, before a resumed run restores weights.
+    tracker = UpdateTracker(ctx, config.analysis) if config.analysis.enabled else None
+    run = Run(config, run_dir, ui, tracker)
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config.resolved(), sort_keys=False))
 
     saved = checkpoint.load_state(run_dir) if resume else None
@@ -209,6 +230,12 @@ def execute(config: RunConfig, *, run_dir: Path | None = None, resume: bool = Fa
         timing["eval_s"] = round(time.perf_counter() - eval_start, 3)
         run.state["R"].append(row)
         run.state["probe"].append(probe)
+        if tracker:
+            steps_done = sum(t["steps"] for t in run.state["timings"]) + timing["steps"]
+            # The phase end is scored by the evaluation just done; the tracker only measures dW.
+            record = tracker.measure(ctx, phase, timing["steps"], steps_done, score=False)
+            scores = dict(zip(ctx.stream.task_names, row))
+            run.state.setdefault("updates", []).append({**record, "probe": probe, "scores": scores})
         run.state["phases"].append(timing["tasks"])
         run.state["timings"].append(timing)
         run.state.setdefault("strategy_stats", []).append(stack.stats())

@@ -50,3 +50,54 @@ def curves(results: dict[str, Any], path: Path) -> Path:
     ax.legend(fontsize=8, loc="best")
     ax.grid(alpha=0.3)
     return _save(fig, path)
+
+
+def updates(results: dict[str, Any], path: Path) -> Path:
+    """||dW|| / ||W0|| and KL to the base against training step; the probe against ||dW||."""
+    recs = results["updates"]
+    steps = [r["global_step"] for r in recs]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.plot(steps, [r["norm"]["rel"] for r in recs], marker="o", label="||dW|| / ||W0||")
+    if any("kl_base" in r for r in recs):
+        twin = left.twinx()
+        twin.plot([r["global_step"] for r in recs if "kl_base" in r], [r["kl_base"] for r in recs if "kl_base" in r],
+                  "r--", marker="x", label="KL(fine-tuned || base)")
+        twin.set_ylabel("KL to base (nats)", color="r")
+    left.set_xlabel("training step")
+    left.set_ylabel("relative update norm")
+    left.grid(alpha=0.3)
+    left.set_title("update size")
+    probed = [r for r in recs if r.get("probe") is not None]
+    right.plot([r["norm"]["abs"] for r in probed], [r["probe"] for r in probed], marker="o")
+    right.set_xlabel("||dW||_F")
+    right.set_ylabel("probe score")
+    right.grid(alpha=0.3)
+    right.set_title("general ability against update norm")
+    fig.suptitle(results["name"])
+    return _save(fig, path)
+
+
+def study(runs: list[dict[str, Any]], path: Path) -> Path:
+    """Per arm: target score and probe against step, and probe against ||dW||."""
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4))
+    for r in runs:
+        recs = [u for u in r.get("updates", []) if u.get("scores")]
+        steps = [0] + [u["global_step"] for u in recs]
+        target = [sum(r["base"]) / len(r["base"])] + [sum(u["scores"].values()) / len(u["scores"]) for u in recs]
+        a.plot(steps, target, marker="o", label=r["name"])
+        probed = [u for u in r.get("updates", []) if u.get("probe") is not None]
+        base_probe = (r.get("probe") or {}).get("base")
+        if base_probe is not None:
+            b.plot([0] + [u["global_step"] for u in probed], [base_probe] + [u["probe"] for u in probed],
+                   marker="o", label=r["name"])
+            c.plot([0.0] + [u["norm"]["abs"] for u in probed], [base_probe] + [u["probe"] for u in probed],
+                   marker="o", label=r["name"])
+    for ax, (x, y, title) in zip((a, b, c), [("step", "target score", "target score"),
+                                             ("step", "probe score", "general ability"),
+                                             ("||dW||_F", "probe score", "general ability against update norm")]):
+        ax.set_xlabel(x)
+        ax.set_ylabel(y)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    a.legend(fontsize=8, loc="best")
+    return _save(fig, path)

@@ -59,9 +59,29 @@ def markdown(results: dict[str, Any], images: dict[str, str]) -> str:
     )
     lines += ["", f"Peak memory: {fmt(results.get('peak_memory_mb'), 0)} MB. "
               f"Training throughput: {fmt(results.get('train_tokens_per_s'), 0)} tokens/s.", ""]
+    lines += update_section(results.get("updates") or [])
     for title, rel in images.items():
         lines += [f"![{title}]({rel})", ""]
     return "\n".join(lines)
+
+
+def update_section(updates: list[dict[str, Any]]) -> list[str]:
+    """The update analysis: size, density (float32 and bf16) and rank of dW at each measurement."""
+    if not updates:
+        return []
+    taus = list(updates[0]["density"]["fp32"])
+    rows = []
+    for u in updates:
+        ranks = list(u.get("rank90", {}).values())
+        rows.append([str(u["global_step"]), f"{u['norm']['abs']:.4g}", f"{u['norm']['rel']:.3g}",
+                     *[f"{100 * u['density'][p][t]:.2f}" for p in ("fp32", "bf16") for t in taus],
+                     f"{sorted(ranks)[len(ranks) // 2]}" if ranks else "n/a",
+                     fmt(u.get("kl_base"), 4), fmt(u.get("probe"))])
+    header = ["step", "||dW||", "rel.", *[f"dense % {p} >{t}" for p in ("fp32", "bf16") for t in taus],
+              "median rank90", "KL to base", "probe"]
+    return ["## Update analysis (dW = W - W0)", "", *_table(header, rows), "",
+            "rank90: the number of singular values holding 90% of a matrix's update energy (median over matrices).",
+            ""]
 
 
 def to_html(md: str, run_dir: Path, title: str) -> str:
@@ -107,6 +127,9 @@ def write_report(run_dir: str | Path, results: dict[str, Any]) -> Path:
         plots.heatmap(results, run_dir / "plots" / "accuracy_matrix.png")
         plots.curves(results, run_dir / "plots" / "curves.png")
         images = {"accuracy matrix": "plots/accuracy_matrix.png", "scores after each phase": "plots/curves.png"}
+    if results.get("updates"):
+        plots.updates(results, run_dir / "plots" / "updates.png")
+        images["update analysis"] = "plots/updates.png"
     md = markdown(results, images)
     atomic_write_text(run_dir / "report.md", md)
     atomic_write_text(run_dir / "report.html", to_html(md, run_dir, results["name"]))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, ContextManager, Iterator
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, ContextManager, Iterator
 
 import torch
 from pydantic import BaseModel
@@ -73,6 +73,18 @@ class Strategy:
 
     def schedule(self, ctx: Context, optimizer: torch.optim.Optimizer, steps: int) -> Any | None:
         """A learning-rate scheduler for this phase (default: constant after ``train.warmup_steps``)."""
+        return None
+
+    def train_phase(self, ctx: Context, tasks: list["Task"], steps: int,
+                    on_step: Callable[[float, int], None]) -> bool:
+        """Train the whole phase yourself (e.g. with a TRL trainer), calling ``on_step(loss,
+        tokens)`` after each of the ``steps`` updates; return True when done, False to leave
+        the phase to the loop."""
+        return False
+
+    def step(self, ctx: Context, items: list["Item"]) -> tuple[float, int] | None:
+        """Replace the gradient step on a batch (evolution strategies): update the weights and
+        return (a loss to report, tokens processed); None keeps the loop's gradient step."""
         return None
 
     def extra_loss(self, ctx: Context, batch: dict[str, torch.Tensor], outputs: Any,
@@ -212,6 +224,17 @@ class StrategyStack:
             scheduler = s.schedule(ctx, optimizer, steps)
             if scheduler is not None:
                 return scheduler
+        return None
+
+    def train_phase(self, ctx: Context, tasks: list["Task"], steps: int,
+                    on_step: Callable[[float, int], None]) -> bool:
+        return any(s.train_phase(ctx, tasks, steps, on_step) for s in self.strategies)
+
+    def step(self, ctx: Context, items: list["Item"]) -> tuple[float, int] | None:
+        for s in self.strategies:
+            result = s.step(ctx, items)
+            if result is not None:
+                return result
         return None
 
     def extra_loss(self, ctx: Context, batch: dict[str, torch.Tensor], outputs: Any,

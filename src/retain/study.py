@@ -1,0 +1,123 @@
+"""A study: several runs (arms) of one question, run in turn, reported side by side.
+
+``retain study STUDY.yaml`` runs every arm not finished yet (a killed arm resumes), then
+writes ``<output_dir>/<name>/study.md`` with the figures that compare how each arm moved
+the weights and what it cost: target score and probe against step, probe against ||dW||,
+and the density and rank of each arm's final update. Arms need ``analysis.enabled``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from retain.config import _format_errors, load_config, read_yaml
+from retain.errors import RetainError
+from retain.io import atomic_write_text
+
+
+class Arm(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    config: str
+    name: str | None = None
+    set: list[str] = Field(default_factory=list, description="key=value overrides of the arm's config")
+
+
+class Study(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.+-]+$")
+    output_dir: str = "runs"
+    arms: list[Arm] = Field(min_length=1)
+
+    @field_validator("arms", mode="before")
+    @classmethod
+    def _paths(cls, v: Any) -> Any:
+        return [{"config": a} if isinstance(a, str) else a for a in v] if isinstance(v, list) else v
+
+
+def load_study(path: str | Path) -> tuple[Study, list]:
+    """The study and each arm's validated run config (written under the study's folder)."""
+    path = Path(path)
+    try:
+        study = Study.model_validate(read_yaml(path))
+    except ValidationError as exc:
+        raise RetainError(f"{path}: {_format_errors(exc, model=Study)}") from None
+    folder = Path(study.output_dir) / study.name
+    configs, names = [], set()
+    for i, arm in enumerate(study.arms):
+        source = Path(arm.config) if Path(arm.config).is_absolute() else path.parent / arm.config
+        if not source.is_file() and Path(arm.config).is_file():
+            source = Path(arm.config)  # relative to the working directory
+        extra = [f"output_dir={folder}"] + ([f"name={arm.name}"] if arm.name else [])
+        cfg = load_config(source, arm.set + extra)
+        if cfg.name in names:
+            raise RetainError(f"{path}: arms[{i}]: two arms are named '{cfg.name}'; give one a 'name'")
+        if not cfg.analysis.enabled:
+            raise RetainError(f"{path}: arms[{i}] ({cfg.name}): a study compares updates; set analysis.enabled: true")
+        names.add(cfg.name)
+        configs.append(cfg)
+    return study, configs
+
+
+def run_study(path: str | Path, quiet: bool = False) -> Path:
+    """Run each unfinished arm (resuming a killed one), then write the study report."""
+    from retain.loop import execute, run_dir_for
+    from retain.reporting import load_results
+
+    study, configs = load_study(path)
+    results = []
+    for cfg in configs:
+        run_dir = run_dir_for(cfg)
+        if (run_dir / "results.json").is_file():
+            results.append(load_results(run_dir))
+            continue
+        resume = (run_dir / "checkpoints" / "state.json").is_file()
+        results.append(execute(cfg, run_dir=run_dir, resume=resume, quiet=quiet, overwrite=not resume))
+    return write_study(Path(study.output_dir) / study.name, study.name, results)
+
+
+def final_update(r: dict[str, Any]) -> dict[str, Any]:
+    return r["updates"][-1] if r.get("updates") else {}
+
+
+def study_rows(results: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    from retain.reporting.report import fmt
+
+    taus = list(final_update(results[0]).get("density", {}).get("fp32", {})) if results else []
+    header = ["arm", "strategy", "target base", "target final", "probe base", "probe final", "||dW||", "rel.",
+              *[f"dense % {p} >{t}" for p in ("fp32", "bf16") for t in taus], "median rank90", "KL to base"]
+    rows = []
+    for r in results:
+        u = final_update(r)
+        ranks = sorted(u.get("rank90", {}).values())
+        target_base = sum(r["base"]) / len(r["base"])
+        target = sum(r["R"][-1]) / len(r["R"][-1]) if r["R"] else None
+        probe = r.get("probe") or {}
+        rows.append([r["name"], r["strategy"], fmt(target_base), fmt(target), fmt(probe.get("base")),
+                     fmt((probe.get("after_phase") or [None])[-1]),
+                     f"{u['norm']['abs']:.4g}" if u else "n/a", f"{u['norm']['rel']:.3g}" if u else "n/a",
+                     *[f"{100 * u['density'][p][t]:.2f}" if u else "n/a" for p in ("fp32", "bf16") for t in taus],
+                     str(ranks[len(ranks) // 2]) if ranks else "n/a", fmt(u.get("kl_base"), 4)])
+    return header, rows
+
+
+def write_study(folder: Path, name: str, results: list[dict[str, Any]]) -> Path:
+    from retain.reporting import plots
+    from retain.reporting.report import _table
+
+    plots.study(results, folder / "study.png")
+    header, rows = study_rows(results)
+    md = "\n".join([
+        f"# Study {name}", "",
+        "Target: mean score over the stream's tasks. Probe: the general-ability questions. "
+        "||dW||: Frobenius norm of the final update; rel.: divided by ||W0||. Density: percent of "
+        "weights changed by more than tau, in float32 and after casting to bf16. rank90: singular "
+        "values holding 90% of a matrix's update energy (median over matrices).", "",
+        *_table(header, rows), "",
+        "![study](study.png)", "",
+        "Arms: " + ", ".join(f"[{r['name']}]({r['name']}/report.md)" for r in results), "",
+    ])
+    atomic_write_text(folder / "study.md", md)
+    return folder / "study.md"

@@ -1,0 +1,154 @@
+"""ES and the update analysis inside real runs on tiny-random."""
+
+import json
+
+import pytest
+import torch
+
+from retain.config import load_config
+from retain.loop import execute
+from retain.strategies.lora import LoraOptions  # noqa: F401 - registers lora
+
+ES = {"population": 4, "sigma": 0.05, "alpha": 0.05, "max_new_tokens": 3}
+
+
+def test_es_run_writes_the_same_schema_as_gradient_runs_and_records_updates(tiny_config, tmp_path):
+    analysis = {"enabled": True, "every": 1, "kl_prompts": 4, "probe": True, "tasks": True}
+    es = execute(load_config(tiny_config("es", strategy="es", es=ES, analysis=analysis, train__max_steps=2)),
+                 quiet=True)
+    sft = execute(load_config(tiny_config("sft", strategy="naive", analysis=analysis, train__max_steps=2)),
+                  quiet=True)
+    assert set(es) == set(sft)
+    assert es["strategy_stats"][0]["es"]["iterations"] == 2
+    assert es["timings"][0]["steps"] == 2 and es["timings"][0]["tokens"] > 0
+    for results in (es, sft):
+        steps = [u["global_step"] for u in results["updates"]]
+        assert steps == [1, 2, 3, 4]  # every step, phase ends included, numbered through the stream
+        last = results["updates"][-1]
+        assert last["norm"]["abs"] > 0 and last["kl_base"] >= 0 and last["probe"] == results["probe"]["after_phase"][-1]
+        assert 0 < last["density"]["fp32"]["1e-06"] <= 1
+        assert last["scores"] == pytest.approx(dict(zip(results["tasks"], results["R"][-1])), abs=1e-3)
+        assert set(results["updates"][0]["scores"]) == set(results["tasks"])  # in-phase: scored by the tracker
+    # ES moves every weight (dense noise); the report shows the analysis.
+    assert es["updates"][-1]["density"]["fp32"]["1e-06"] > 0.99
+    report = (tmp_path / "runs" / "es" / "report.md").read_text()
+    assert "Update analysis" in report and (tmp_path / "runs" / "es" / "plots" / "updates.png").is_file()
+    saved = json.loads((tmp_path / "runs" / "es" / "results.json").read_text())
+    assert saved["updates"] == es["updates"]
+
+
+def test_lora_es_moves_only_adapter_weights(tiny_config, tmp_path):
+    from retain.loop import restore
+
+    # LoRA's B starts at zero: only a large sigma moves the answers enough to rank members.
+    es = {**ES, "sigma": 2.0, "population": 6}
+    cfg = load_config(tiny_config("lora-es", strategy="lora+es", es=es, train__max_steps=2))
+    results = execute(cfg, quiet=True)
+    stats = [s["es"] for s in results["strategy_stats"]]
+    assert any(s["flat_iterations"] < s["iterations"] for s in stats)
+    ctx, _ = restore(tmp_path / "runs" / "lora-es")
+    from retain.models import load_model
+
+    base, _ = load_model("tiny-random", seed=cfg.seed)
+    base_state = base.state_dict()
+    for name, p in ctx.model.named_parameters():
+        if "lora_" not in name:
+            key = name.replace("base_model.model.", "").replace(".base_layer", "")
+            assert torch.equal(p, base_state[key]), name
+
+
+def test_es_refuses_perplexity_tasks(tmp_path):
+    from retain.errors import RetainError
+
+    cfg = load_config_from({"name": "x", "model": "tiny-random", "stream": "domains", "strategy": "es",
+                            "output_dir": str(tmp_path)})
+    with pytest.raises(RetainError, match="perplexity"):
+        execute(cfg, quiet=True)
+    assert not (tmp_path / "x").exists()
+
+
+def load_config_from(data):
+    from retain.config import validate_config
+
+    return validate_config(data)
+
+
+def test_parallel_workers_give_the_serial_result(tiny_config, tmp_path):
+    from retain.loop import restore
+
+    runs = {}
+    for workers in (1, 2):
+        name = f"w{workers}"
+        cfg = load_config(tiny_config(name, strategy="es", es={**ES, "workers": workers}, train__max_steps=2))
+        runs[workers] = execute(cfg, quiet=True)
+        ctx, _ = restore(tmp_path / "runs" / name)
+        runs[workers]["weights"] = {n: p.detach().clone() for n, p in ctx.model.named_parameters()}
+    assert runs[1]["R"] == runs[2]["R"]
+    assert [s["es"]["reward_last"] for s in runs[1]["strategy_stats"]] == \
+        [s["es"]["reward_last"] for s in runs[2]["strategy_stats"]]
+    assert any(s["es"]["flat_iterations"] < s["es"]["iterations"] for s in runs[1]["strategy_stats"])
+    for n, p in runs[1]["weights"].items():
+        assert torch.equal(p, runs[2]["weights"][n]), n
+
+
+def test_grpo_trains_through_trl_and_writes_the_same_schema(tiny_config, tmp_path):
+    analysis = {"enabled": True, "every": 1, "kl_prompts": 4}
+    grpo = execute(load_config(tiny_config("grpo", strategy="grpo", analysis=analysis, train__max_steps=2,
+                                           train__lr=1e-2, grpo={"num_generations": 2, "max_completion_length": 4,
+                                                                 "format_weight": 1.0})), quiet=True)
+    sft = execute(load_config(tiny_config("sft", strategy="naive", train__max_steps=2)), quiet=True)
+    assert set(grpo) == set(sft)
+    assert [t["steps"] for t in grpo["timings"]] == [2, 2] and grpo["timings"][0]["tokens"] > 0
+    assert [u["global_step"] for u in grpo["updates"]] == [1, 2, 3, 4]
+    assert grpo["updates"][-1]["norm"]["abs"] > 0  # the policy moved
+    assert grpo["strategy_stats"][0]["grpo"]["reward_last"] is not None
+
+
+def test_grpo_refuses_a_batch_that_does_not_hold_whole_groups(tiny_config, tmp_path):
+    from retain.errors import RetainError
+
+    with pytest.raises(RetainError, match="multiple of grpo.num_generations"):
+        execute(load_config(tiny_config("g", strategy="grpo", train__batch_size=3)), quiet=True)
+    assert not (tmp_path / "runs" / "g").exists()
+
+
+def test_study_runs_each_arm_once_and_reports_them_side_by_side(tiny_config, tmp_path):
+    import yaml
+
+    from retain.study import run_study
+
+    analysis = {"enabled": True, "every": 1, "tasks": True, "probe": True, "kl_prompts": 2}
+    tiny_config("sft", analysis=analysis, train__max_steps=2)
+    tiny_config("es", strategy="es", es=ES, analysis=analysis, train__max_steps=2)
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump({"name": "s", "output_dir": str(tmp_path / "out"), "arms": [
+        "sft.yaml", "es.yaml", {"config": "es.yaml", "name": "es-sparse", "set": ["es.top_fraction=0.1"]}]}))
+    report = run_study(study, quiet=True)
+    text = report.read_text()
+    for arm in ("sft", "es", "es-sparse"):
+        assert f"| {arm} |" in text
+        assert (tmp_path / "out" / "s" / arm / "results.json").is_file()
+    assert (tmp_path / "out" / "s" / "study.png").is_file()
+    stamp = (tmp_path / "out" / "s" / "es" / "results.json").stat().st_mtime_ns
+    run_study(study, quiet=True)  # finished arms are not run again
+    assert (tmp_path / "out" / "s" / "es" / "results.json").stat().st_mtime_ns == stamp
+
+
+def test_study_refuses_arms_without_the_analysis_or_with_one_name(tiny_config, tmp_path):
+    import yaml
+
+    from retain.errors import RetainError
+    from retain.study import load_study
+
+    tiny_config("plain")
+    tiny_config("a", analysis={"enabled": True})
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump({"name": "s", "arms": ["plain.yaml"]}))
+    with pytest.raises(RetainError, match=r"arms\[0\] \(plain\).*analysis.enabled"):
+        load_study(study)
+    study.write_text(yaml.safe_dump({"name": "s", "arms": ["a.yaml", "a.yaml"]}))
+    with pytest.raises(RetainError, match="two arms are named 'a'"):
+        load_study(study)
+    study.write_text(yaml.safe_dump({"name": "s", "arms": [], "extra": 1}))
+    with pytest.raises(RetainError, match="study.yaml"):
+        load_study(study)

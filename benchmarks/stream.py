@@ -69,8 +69,11 @@ def regularization_checks(by_name: dict) -> list[str]:
             stats = by_name[name]["strategy_stats"]
             fisher = sum(s.get("ewc", {}).get("fisher_s", 0) for s in stats)
             train = sum(t["train_s"] for t in by_name[name]["timings"])
+            per_task = [s.get("ewc", {}).get("fisher_s", 0) / t["train_s"]
+                        for s, t in zip(stats, by_name[name]["timings"])]
             out.append(f"{name} Fisher estimate {fisher:.1f} s = {100 * fisher / train:.1f}% of training time "
-                       f"{train:.0f} s (target <= 10%): {'met' if fisher <= 0.1 * train else 'NOT met'}")
+                       f"{train:.0f} s (target <= 10%): {'met' if fisher <= 0.1 * train else 'NOT met'}; per task "
+                       + ", ".join(f"{100 * f:.1f}%" for f in per_task))
     if "lwf" in by_name and naive:
         ratio = per_step(by_name["lwf"]) / per_step(naive)
         out.append(f"lwf time per step {per_step(by_name['lwf']):.2f} s = {ratio:.2f}x naive's {per_step(naive):.2f} s "

@@ -32,6 +32,7 @@ benchmarks: setup
 	$(PY) benchmarks/stream.py --suite engine
 	$(PY) benchmarks/stream.py --suite regularization
 	$(PY) benchmarks/stream.py --suite cpt
+	$(PY) benchmarks/es.py
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info

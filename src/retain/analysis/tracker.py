@@ -13,14 +13,12 @@ from typing import Any, Iterator
 import torch
 
 from retain.analysis.updates import next_token_kl, summarize
-from retain.evaluation.scoring import left_pad, score_task
+from retain.evaluation.scoring import eval_mode, left_pad, score_task
 
 
 def _lora_layers(model) -> Iterator[tuple[str, Any]]:
-    try:
-        from peft.tuners.lora import LoraLayer
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return
+    from peft.tuners.lora import LoraLayer
+
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer):
             yield name, module
@@ -31,16 +29,12 @@ def next_token_logits(model, tokenizer, prompts: list[str], batch_size: int = 16
     """Logits of the token after each prompt (left-padded batches), on the CPU."""
     device = next(model.parameters()).device
     out = []
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for start in range(0, len(prompts), batch_size):
             enc = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts[start:start + batch_size]]
             ids, mask = left_pad(enc, tokenizer.pad_token_id)
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, -1]
             out.append(logits.float().cpu())
-    finally:
-        model.train(was_training)
     return torch.cat(out) if out else torch.empty(0)
 
 

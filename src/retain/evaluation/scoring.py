@@ -6,10 +6,11 @@ the run's own prompt format, adapter routing and batching, on tiny models as on 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import string
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,17 @@ Advance = Callable[[int], None]
 
 def _noop(_: int) -> None:
     pass
+
+
+@contextlib.contextmanager
+def eval_mode(model) -> Iterator[None]:
+    """The model in eval mode (no dropout) inside, in its previous mode after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def _device(model) -> torch.device:
@@ -138,9 +150,7 @@ def score_task(model, tokenizer, task: Task, examples: Sequence[Example] | None 
     examples = list(task.test if examples is None else examples)
     if not examples:
         return float("nan")
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         if task.metric == "choice":
             preds = choice_predictions(model, tokenizer, task, examples, batch_size, advance)
             return 100.0 * sum(p == ex.answer_index for p, ex in zip(preds, examples)) / len(examples)
@@ -153,8 +163,6 @@ def score_task(model, tokenizer, task: Task, examples: Sequence[Example] | None 
         scores = continuation_logprobs(model, tokenizer, pairs, batch_size, advance)
         nll, count = -sum(s for s, _ in scores), sum(n for _, n in scores)
         return math.exp(nll / max(count, 1))
-    finally:
-        model.train(was_training)
 
 
 def work_units(task: Task, n_examples: int) -> int:

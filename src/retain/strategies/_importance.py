@@ -10,6 +10,7 @@ import random
 import torch
 
 from retain.batching import collate
+from retain.evaluation.scoring import eval_mode
 from retain.streams.task import Item
 
 
@@ -29,9 +30,7 @@ def diagonal_fisher(model, tokenizer, items: list[Item], params: dict[str, torch
     device = next(model.parameters()).device
     fisher = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in params.items()}
     names, tensors = list(params), list(params.values())
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for item in sample:
             batch = {k: v.to(device) for k, v in collate(tokenizer, [item], max_length).items()}
             n_target = int((batch["labels"][:, 1:] != -100).sum())
@@ -40,8 +39,6 @@ def diagonal_fisher(model, tokenizer, items: list[Item], params: dict[str, torch
             for name, g in zip(names, grads):
                 if g is not None:
                     fisher[name] += g.detach().float() ** 2
-    finally:
-        model.train(was_training)
     return {k: v / max(len(sample), 1) for k, v in fisher.items()}
 
 

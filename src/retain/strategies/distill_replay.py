@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from retain.batching import collate, target_mask
+from retain.evaluation.scoring import eval_mode
 from retain.streams.task import Item
 from retain.strategies.base import Context, Strategy, register
 from retain.strategies.replay import Reservoir, mix_batches
@@ -43,9 +44,7 @@ def top_k_targets(model, tokenizer, items: list[Item], k: int, max_length: int, 
     """Per item: (ids, logp) of the model's k most likely tokens at each target position."""
     device = next(model.parameters()).device
     out = []
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
             batch = collate(tokenizer, chunk, max_length)
@@ -55,8 +54,6 @@ def top_k_targets(model, tokenizer, items: list[Item], k: int, max_length: int, 
                 logp = F.log_softmax(logits[r, predicting_positions(mask[r])].float(), dim=-1)
                 values, ids = logp.topk(k, dim=-1)
                 out.append((ids.cpu(), values.cpu()))
-    finally:
-        model.train(was_training)
     return out
 
 

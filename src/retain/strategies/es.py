@@ -17,7 +17,7 @@ import time
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from retain.evaluation.scoring import generate
+from retain.evaluation.scoring import eval_mode, generate
 from retain.es_workers import WorkerPool
 from retain.rewards import FormatPattern, RewardKind, score
 from retain.evolution import Perturbation, apply_update, unique_parameters, zscore
@@ -114,9 +114,7 @@ class ES(Strategy):
     def step(self, ctx: Context, items: list[Item]) -> tuple[float, int]:
         start = time.perf_counter()
         model, params, o = ctx.model, self._params(ctx), self.options
-        was_training = model.training
-        model.eval()
-        try:
+        with eval_mode(model):
             members = self.members(ctx)
             if o.workers > 1 and self.pool is None:
                 # Forked now, at the phase's first iteration: the workers hold this phase's weights.
@@ -130,8 +128,6 @@ class ES(Strategy):
             if self.pool is not None:
                 self.pool.update(members, z)
             changed = self._update(params, members, z)
-        finally:
-            model.train(was_training)
         mean = sum(rewards) / len(rewards)
         self._iterations.append({"reward_mean": mean, "reward_max": max(rewards), "changed": changed,
                                  "restore_fixes": fixes, "seconds": time.perf_counter() - start})

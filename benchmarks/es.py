@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from common import machine, write
-from retain.evaluation.scoring import generate
-from retain.evolution import Perturbation, apply_update, unique_parameters, zscore
+from retain.evaluation.scoring import left_pad
+from retain.evolution import TABLE_SIZE, apply_update, perturbed_members, unique_parameters, zscore
 from retain.models import load_model
 from retain.streams import builtin_stream
 
@@ -44,7 +44,7 @@ def main() -> None:
     ap.add_argument("--population", type=int, default=8)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=12)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
 
     model, tok = load_model("smollm2-135m-instruct")
@@ -59,7 +59,17 @@ def main() -> None:
     prompts = [task.prompt(tok, ex) for ex in task.train[: args.batch]]
     params = unique_parameters([(n, p) for n, p in model.named_parameters()])
     n_weights = sum(p.numel() for _, p in params)
-    gen = lambda: generate(model, tok, prompts, args.max_new_tokens, batch_size=args.batch)  # noqa: E731
+    ids, mask = left_pad([tok(p)["input_ids"] for p in prompts], tok.pad_token_id)
+    ids, mask = ids.to(device), mask.to(device)
+
+    @torch.no_grad()
+    def gen() -> list[str]:
+        # Exactly max_new_tokens per answer: an early end of sequence would make a member's
+        # generation cheaper or dearer than the plain one and hide the ES overhead in the noise.
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=tok.pad_token_id,
+                             min_new_tokens=args.max_new_tokens, max_new_tokens=args.max_new_tokens)
+        return tok.batch_decode(out[:, ids.shape[1]:])
+
     gen()  # warm-up
 
     reset_peak()
@@ -77,10 +87,9 @@ def main() -> None:
         start = time.perf_counter()
         members = [(1000 * r + m, 1) for m in range(args.population)]
         rewards, fixes = [], 0
-        for seed, sign in members:
-            with Perturbation(params, seed, 1e-3 * sign) as pert:
-                fixes = max(fixes, pert.fixed_entries)
-                answers = gen()
+        for pert in perturbed_members(params, members, 1e-3):
+            fixes = max(fixes, pert.fixed_entries)
+            answers = gen()
             rewards.append(float(sum(len(a) for a in answers)))  # any reward: the cost is the same
         apply_update(params, members, zscore(rewards), 5e-4)
         es_s = time.perf_counter() - start
@@ -91,20 +100,23 @@ def main() -> None:
                      "restore_fixes": fixes, "restore_fixes_fraction": round(fixes / n_weights, 6)})
         print(rows[-1], flush=True)
 
-    best = min(rows, key=lambda x: x["time_ratio"])
+    # The median round: generation time alone moves by 10% between rounds on a shared machine.
+    median = sorted(x["time_ratio"] for x in rows)[len(rows) // 2]
     worst_mem = max(x["memory_ratio"] for x in rows)
     lines = [
         "# ES iteration cost", "",
         f"SmolLM2-135M-Instruct ({n_weights / 1e6:.1f}M weights, float32), population {args.population}, "
-        f"reward batch {args.batch} prompts of the `arithmetic` task, {args.max_new_tokens} new tokens; "
+        f"reward batch {args.batch} prompts of the `arithmetic` task, exactly {args.max_new_tokens} new tokens "
+        "per answer (greedy); "
         f"{machine()['device']}, {machine()['torch_threads']} threads, {machine()['date']}. "
-        f"Resident memory after loading: {base_mb:.0f} MB.", "",
+        f"Resident memory after loading: {base_mb:.0f} MB. Noise: windows of a shared {TABLE_SIZE / 2**20:.0f}M-entry "
+        "table; members visited in one pass each (restore and next perturbation per chunk).", "",
         "| round | N generations s | ES iteration s | time ratio | inference peak MB | ES peak MB | memory ratio | restore fixes |",
         "|---|---|---|---|---|---|---|---|",
         *[f"| {x['round']} | {x['generate_n_s']} | {x['es_iteration_s']} | {x['time_ratio']} | "
           f"{x['inference_peak_mb']} | {x['es_peak_mb']} | {x['memory_ratio']} | "
           f"{x['restore_fixes']} ({100 * x['restore_fixes_fraction']:.3f}%) |" for x in rows], "",
-        f"- time: best ratio {best['time_ratio']} (target <= 1.15): {'met' if best['time_ratio'] <= 1.15 else 'NOT met'}",
+        f"- time: median ratio {median} (target <= 1.15): {'met' if median <= 1.15 else 'NOT met'}",
         f"- memory: worst ratio {worst_mem} (target <= 1.2): {'met' if worst_mem <= 1.2 else 'NOT met'}", "",
     ]
     write("es", {"machine": machine(), "population": args.population, "batch": args.batch,

@@ -120,12 +120,14 @@ def compare(
 @app.command()
 def study(
     config: Path = typer.Argument(..., help="YAML study: a name and a list of arms (run configs)."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides for every arm, "
+                                                    "e.g. train.max_steps=50 for a shorter study"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or per-task lines."),
 ) -> None:
     """Run every unfinished arm of a study (a killed one resumes), then write study.md side by side."""
     from retain.study import run_study
 
-    path = run_study(config, quiet=quiet)
+    path = run_study(config, quiet=quiet, overrides=overrides or [])
     out.print(path.read_text(encoding="utf-8").split("![study]")[0], markup=False, highlight=False)
     out.print(f"study report: {path}  (also study.png)")
 

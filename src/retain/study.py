@@ -37,8 +37,10 @@ class Study(BaseModel):
         return [{"config": a} if isinstance(a, str) else a for a in v] if isinstance(v, list) else v
 
 
-def load_study(path: str | Path) -> tuple[Study, list]:
-    """The study and each arm's validated run config (written under the study's folder)."""
+def load_study(path: str | Path, overrides: list[str] | None = None) -> tuple[Study, list]:
+    """The study and each arm's validated run config (written under the study's folder).
+
+    ``overrides`` (key=value) apply to every arm, after the arm's own ``set``."""
     path = Path(path)
     try:
         study = Study.model_validate(read_yaml(path))
@@ -51,7 +53,7 @@ def load_study(path: str | Path) -> tuple[Study, list]:
         if not source.is_file() and Path(arm.config).is_file():
             source = Path(arm.config)  # relative to the working directory
         extra = [f"output_dir={folder}"] + ([f"name={arm.name}"] if arm.name else [])
-        cfg = load_config(source, arm.set + extra)
+        cfg = load_config(source, arm.set + list(overrides or []) + extra)
         if cfg.name in names:
             raise RetainError(f"{path}: arms[{i}]: two arms are named '{cfg.name}'; give one a 'name'")
         if not cfg.analysis.enabled:
@@ -61,12 +63,12 @@ def load_study(path: str | Path) -> tuple[Study, list]:
     return study, configs
 
 
-def run_study(path: str | Path, quiet: bool = False) -> Path:
+def run_study(path: str | Path, quiet: bool = False, overrides: list[str] | None = None) -> Path:
     """Run each unfinished arm (resuming a killed one), then write the study report."""
     from retain.loop import execute, run_dir_for
     from retain.reporting import load_results
 
-    study, configs = load_study(path)
+    study, configs = load_study(path, overrides)
     results = []
     for cfg in configs:
         run_dir = run_dir_for(cfg)

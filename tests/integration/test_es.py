@@ -152,3 +152,6 @@ def test_study_refuses_arms_without_the_analysis_or_with_one_name(tiny_config, t
     study.write_text(yaml.safe_dump({"name": "s", "arms": [], "extra": 1}))
     with pytest.raises(RetainError, match="study.yaml"):
         load_study(study)
+    study.write_text(yaml.safe_dump({"name": "s", "arms": [{"config": "a.yaml", "set": ["train.max_steps=3"]}]}))
+    _, (cfg,) = load_study(study, ["train.max_steps=7", "seed=5"])  # every arm, after its own set
+    assert (cfg.train.max_steps, cfg.seed) == (7, 5)

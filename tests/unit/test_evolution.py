@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from retain.evolution import CHUNK, Perturbation, apply_update, full_noise, noise_seed, unique_parameters, zscore
+from retain.evolution import (CHUNK, Perturbation, apply_update, full_noise, noise_seed, perturbed_members,
+                              unique_parameters, zscore)
 from retain.models import load_model
 from retain.rewards import answer_reward as reward
 from retain.strategies.es import ESOptions
@@ -28,6 +29,34 @@ def test_perturb_then_restore_is_bit_identical(tiny, scale):
     assert moved > 0.9 * sum(p.numel() for _, p in params)
     for n, p in params:
         assert torch.equal(p, before[n]), n
+
+
+def test_moving_member_to_member_holds_each_perturbation_and_restores_exactly(tiny):
+    _, params = tiny
+    before = snapshot(params)
+    members = [(3, 1), (3, -1), (8, 1), (21, -1)]
+    seen = 0
+    for (seed, sign), pert in zip(members, perturbed_members(params, members, 0.2)):
+        for i, (n, p) in enumerate(params):
+            assert torch.allclose(p - before[n], sign * 0.2 * full_noise(seed, i, p), atol=1e-5), (seed, n)
+        seen += 1
+    assert seen == len(members)
+    assert all(torch.equal(p, before[n]) for n, p in params)
+    for _ in perturbed_members(params, members, 0.2):
+        break  # stopping early (or an error in scoring) still restores the weights
+    assert all(torch.equal(p, before[n]) for n, p in params)
+
+
+def test_noise_is_a_window_of_the_shared_table_and_the_same_on_every_call(tiny):
+    from retain.evolution import TABLE_SIZE, noise, noise_table
+
+    table = noise_table("cpu")
+    assert table.numel() == TABLE_SIZE and abs(float(table.mean())) < 1e-3 and abs(float(table.std()) - 1) < 1e-3
+    x = noise(5, 2, 0, 1000, torch.device("cpu"))
+    assert torch.equal(x, noise(5, 2, 0, 1000, torch.device("cpu")))
+    assert not torch.equal(x, noise(5, 3, 0, 1000, torch.device("cpu")))
+    with pytest.raises(ValueError, match="at most"):
+        noise(5, 2, 0, CHUNK + 1, torch.device("cpu"))
 
 
 def test_perturbation_adds_scaled_noise_of_each_tensor(tiny):

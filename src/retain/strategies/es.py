@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 import time
+from contextlib import closing
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -20,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from retain.evaluation.scoring import eval_mode, generate
 from retain.es_workers import WorkerPool
 from retain.rewards import FormatPattern, RewardKind, score
-from retain.evolution import Perturbation, apply_update, unique_parameters, zscore
+from retain.evolution import apply_update, perturbed_members, unique_parameters, zscore
 from retain.strategies.base import Context, Strategy, register
 from retain.streams.task import Item
 
@@ -94,12 +95,13 @@ class ES(Strategy):
         o, model = self.options, ctx.model
         prompts = [it.prompt for it in items]
         rewards, most_fixes = [], 0
-        for seed, sign in members:
-            with Perturbation(params, seed, sign * o.sigma) as perturbed:
+        # closing(): an error while scoring restores the weights at once, not when the traceback goes.
+        with closing(perturbed_members(params, members, o.sigma)) as each:
+            for perturbed in each:
                 most_fixes = max(most_fixes, perturbed.fixed_entries)
                 answers = generate(model, ctx.tokenizer, prompts, o.max_new_tokens, ctx.config.eval.batch_size)
-            rewards.append(sum(score(o.reward, a, it.prompt, it.target, o.format_weight, o.format_pattern)
-                               for a, it in zip(answers, items)) / len(items))
+                rewards.append(sum(score(o.reward, a, it.prompt, it.target, o.format_weight, o.format_pattern)
+                                   for a, it in zip(answers, items)) / len(items))
         return rewards, most_fixes
 
     def members(self, ctx: Context) -> list[tuple[int, int]]:

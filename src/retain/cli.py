@@ -157,7 +157,8 @@ def list_() -> None:
 def generate(
     run_dir: Path = typer.Argument(..., help="A finished run directory."),
     prompt: str = typer.Argument(..., help="The input, formatted with the task's template."),
-    task: Optional[str] = typer.Option(None, "--task", "-t", help="Task whose format and adapter to use."),
+    task: Optional[str] = typer.Option(None, "--task", "-t", help="Task whose format and adapter to use "
+                                       "(default: routed from the input for per-task methods, else the last task)."),
     max_new_tokens: int = typer.Option(32, help="Tokens to generate."),
 ) -> None:
     """Answer PROMPT with the run's trained model (and, for per-task adapters, that task's adapter)."""
@@ -167,6 +168,10 @@ def generate(
 
     ctx, stack = restore(run_dir)
     names = ctx.stream.task_names
+    router = stack.task_router()
+    if task is None and router is not None and router.centroids:
+        task = router.predict(ctx, [prompt])[0]
+        err.print(f"routed to task '{task}' (nearest task centroid)", highlight=False)
     if task is None:
         task = names[-1]
     if task not in names:

@@ -21,7 +21,7 @@ import shutil
 import time
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, ContextManager
 
 import torch
 import yaml
@@ -36,6 +36,7 @@ from retain.batching import batch_stream, collate
 from retain.evaluation.scoring import score_task, work_units
 from retain.io import atomic_write_text
 from retain.models import load_model
+from retain.routing import agnostic_evaluation
 from retain.streams import Task, build_stream
 from retain.strategies import Context, StrategyStack
 from retain.ui import UI
@@ -58,7 +59,10 @@ class Run:
         }
 
     # -- evaluation -----------------------------------------------------------------
-    def evaluate(self, ctx: Context, stack: StrategyStack, label: str) -> tuple[list[float], float | None]:
+    def evaluate(self, ctx: Context, stack: StrategyStack, label: str,
+                 route: Callable[[str | None], ContextManager] | None = None) -> tuple[list[float], float | None]:
+        """Every task and the probe, each under ``route(task)`` (default: the stack's routing)."""
+        route = route or (lambda task: stack.route(ctx, task))
         stream, cfg = ctx.stream, self.config.eval
         tasks = stream.tasks + ([stream.probe] if stream.probe else [])
         total = sum(work_units(t, len(t.test)) for t in tasks)
@@ -67,7 +71,7 @@ class Run:
         with self.ui.bar(total, f"eval {label}") as advance:
             for task in tasks:
                 is_probe = task is stream.probe
-                with stack.route(ctx, None if is_probe else task.name):
+                with route(None if is_probe else task.name):
                     value = score_task(ctx.model, ctx.tokenizer, task, batch_size=cfg.batch_size,
                                        max_new_tokens=cfg.max_new_tokens, advance=advance)
                 if is_probe:
@@ -152,6 +156,23 @@ class Run:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.item(), int(batch["attention_mask"].sum())
+
+    def finish(self, ctx: Context, stack: StrategyStack) -> None:
+        """After the last phase: the task-agnostic evaluation of per-task methods, and any
+        strategy's final evaluations (merged adapters)."""
+        router = stack.task_router()
+        if router is not None and router.centroids and "routing" not in self.state:
+            total = sum(len(t.test) for t in ctx.stream.tasks if t.name in router.centroids)
+            with self.ui.bar(total, "eval task-agnostic (routed)") as advance:
+                self.state["routing"] = agnostic_evaluation(ctx, stack, router, advance)
+            r = self.state["routing"]
+            self.ui.info(f"  task-agnostic: routing accuracy {r['accuracy']:.1f}%, AA {r['AA']:.1f}")
+            self.checkpoint(ctx, stack)
+        if "final" not in self.state:
+            final = stack.finish(ctx, lambda route, label: self.evaluate(ctx, stack, label, route))
+            if final:
+                self.state["final"] = final
+                self.checkpoint(ctx, stack)
 
     def checkpoint(self, ctx: Context, stack: StrategyStack) -> None:
         self.state["strategy"] = stack.state_dict()
@@ -244,6 +265,7 @@ def execute(config: RunConfig, *, run_dir: Path | None = None, resume: bool = Fa
         run.checkpoint(ctx, stack)
         ui.info("  " + "  ".join(f"{n}={v:.1f}" for n, v in zip(ctx.stream.task_names, row))
                 + (f"  probe={probe:.1f}" if probe is not None else ""))
+    run.finish(ctx, stack)
     run.state["wall_s"] = round(run.state.get("wall_s", 0) + time.perf_counter() - started, 3)
     stack.export(ctx, run_dir)
     return finalize(run_dir, config, ctx.stream, run.state)

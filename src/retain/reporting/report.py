@@ -60,9 +60,37 @@ def markdown(results: dict[str, Any], images: dict[str, str]) -> str:
     lines += ["", f"Peak memory: {fmt(results.get('peak_memory_mb'), 0)} MB. "
               f"Training throughput: {fmt(results.get('train_tokens_per_s'), 0)} tokens/s.", ""]
     lines += update_section(results.get("updates") or [])
+    lines += routing_section(results)
+    lines += merge_section(results)
     for title, rel in images.items():
         lines += [f"![{title}]({rel})", ""]
     return "\n".join(lines)
+
+
+def routing_section(results: dict[str, Any]) -> list[str]:
+    """Per-task methods: scores with the task predicted from the input, next to the given-task ones."""
+    routing = results.get("routing")
+    if not routing:
+        return []
+    final = dict(zip(results["tasks"], results["R"][-1])) if results.get("R") else {}
+    rows = [[t, fmt(routing["per_task_accuracy"].get(t)), fmt(final.get(t)), fmt(routing["scores"].get(t))]
+            for t in routing["scores"]]
+    return ["## Task-agnostic evaluation (routed by nearest task centroid)", "",
+            *_table(["task", "routed to it %", "score, task given", "score, task routed"], rows), "",
+            f"Routing accuracy {fmt(routing['accuracy'])}%; AA with routed tasks {fmt(routing['AA'])} "
+            f"(given: {fmt(results.get('metrics', {}).get('AA'))}).", ""]
+
+
+def merge_section(results: dict[str, Any]) -> list[str]:
+    merge = (results.get("final") or {}).get("merge")
+    if not merge:
+        return []
+    tasks = results["tasks"]
+    rows = [[m, *[fmt(v["scores"].get(t)) for t in tasks], fmt(v["AA"]), fmt(v["probe"])] for m, v in merge["methods"].items()]
+    if results.get("R"):
+        rows.insert(0, ["per-task adapters (task given)", *[fmt(v) for v in results["R"][-1]],
+                        fmt(results["metrics"].get("AA")), fmt((results.get("probe") or {}).get("after_phase", [None])[-1])])
+    return ["## Merged adapters (one adapter for every task)", "", *_table(["", *tasks, "AA", "probe"], rows), ""]
 
 
 def update_section(updates: list[dict[str, Any]]) -> list[str]:

@@ -62,6 +62,10 @@ def build_results(config, stream, state: dict[str, Any]) -> dict[str, Any]:
         "wall_s": state.get("wall_s"),
         "peak_memory_mb": state.get("peak_memory_mb"),
         "updates": state.get("updates", []),
+        # Per-task methods: scores with the task predicted from the input (task-agnostic).
+        "routing": state.get("routing"),
+        # Strategies' evaluations after the last phase (e.g. merged adapters), by strategy.
+        "final": state.get("final", {}),
     }
 
 

@@ -18,8 +18,14 @@ from pydantic import BaseModel
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
+    from retain.routing import TaskRouter
+
     from retain.config import RunConfig
     from retain.streams.task import Item, Stream, Task
+
+
+#: ``evaluate(route, label) -> (task scores, probe score)``, see ``Strategy.finish``.
+Evaluate = Callable[[Callable[[str | None], ContextManager], str], tuple[list[float], float | None]]
 
 
 @dataclass
@@ -47,6 +53,8 @@ class Strategy:
     owns_parameters: ClassVar[bool] = False
     #: Names of strategies this one cannot be combined with.
     incompatible: ClassVar[frozenset[str]] = frozenset()
+    #: Names of strategies this one needs in the same stack (``merge`` needs ``lora-per-task``).
+    requires: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, options: BaseModel | None = None) -> None:
         # Strategies built outside a config (tests, notebooks) get their default options.
@@ -97,6 +105,17 @@ class Strategy:
 
     def route(self, ctx: Context, task: str | None) -> ContextManager | None:
         """A context under which ``task`` is scored (``None``: the probe); None keeps the model as is."""
+        return None
+
+    def task_router(self) -> "TaskRouter | None":
+        """Per-task methods: the router that picks a task for an unlabeled input (task-agnostic
+        evaluation and ``retain generate`` without ``--task``)."""
+        return None
+
+    def finish(self, ctx: Context, evaluate: "Evaluate") -> dict[str, Any] | None:
+        """After the last phase: extra evaluations (merged adapters), recorded in results.json
+        under ``final`` -> this strategy's name. ``evaluate(route, label)`` scores every task
+        and the probe with ``route(task)`` as the context for each."""
         return None
 
     def export(self, ctx: Context, run_dir: Path) -> None:
@@ -165,6 +184,10 @@ def parse_strategy(spec: str) -> list[type[Strategy]]:
         clash = c.incompatible & set(names)
         if clash:
             raise ValueError(f"strategy '{c.name}' cannot be combined with '{sorted(clash)[0]}'")
+        missing = c.requires - set(names)
+        if missing:
+            need = sorted(missing)[0]
+            raise ValueError(f"strategy '{c.name}' needs '{need}' in the same run, e.g. {need}+{c.name}")
     if not owners:
         classes.insert(0, known["naive"])
     classes.sort(key=lambda c: not c.owns_parameters)
@@ -252,6 +275,12 @@ class StrategyStack:
             if cm is not None:
                 return cm
         return contextlib.nullcontext()
+
+    def task_router(self) -> "TaskRouter | None":
+        return next((r for s in self.strategies if (r := s.task_router()) is not None), None)
+
+    def finish(self, ctx: Context, evaluate: Evaluate) -> dict[str, Any]:
+        return {s.name: out for s in self.strategies if (out := s.finish(ctx, evaluate))}
 
     def export(self, ctx: Context, run_dir: Path) -> None:
         for s in self.strategies:

@@ -2,6 +2,8 @@
 
 Task j is scored with adapter j; a task not trained yet is scored on the base model.
 The probe is scored with the latest adapter, the one a deployment would serve last.
+A router (nearest task centroid of base-model embeddings) picks the adapter when the
+task is not given: the run's task-agnostic evaluation and ``retain generate`` use it.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from pathlib import Path
 
+from retain.routing import TaskRouter
 from retain.strategies.base import Context, Strategy, register
 from retain.strategies.lora import LoraOptions, save_adapter, wrap_with_lora
 
@@ -25,9 +28,14 @@ class LoraPerTask(Strategy):
     def __init__(self, options=None) -> None:
         super().__init__(options)
         self.trained: list[str] = []
+        self.router: TaskRouter | None = None
 
     def setup(self, ctx: Context):
+        self.router = TaskRouter(lambda: self._use(ctx, None))
         return wrap_with_lora(ctx.model, self.options, adapter_name=ctx.stream.tasks[0].name)
+
+    def task_router(self) -> TaskRouter | None:
+        return self.router
 
     def _ensure(self, ctx: Context, name: str) -> None:
         if name not in ctx.model.peft_config:
@@ -41,6 +49,8 @@ class LoraPerTask(Strategy):
 
     def after_task(self, ctx: Context, tasks) -> None:
         self.trained.append(tasks[0].name)
+        if self.router is not None:
+            self.router.add_task(ctx, tasks[0].name, [ex.input for ex in tasks[0].train])
         if ctx.run_dir is not None:
             save_adapter(ctx.model, tasks[0].name, ctx.run_dir / "adapters" / tasks[0].name)
 
@@ -64,9 +74,11 @@ class LoraPerTask(Strategy):
         return self._use(ctx, task if task in self.trained else None)
 
     def state_dict(self) -> dict:
-        return {"trained": list(self.trained)}
+        return {"trained": list(self.trained), "router": self.router.state() if self.router else {}}
 
     def load_state_dict(self, ctx: Context, state: dict) -> None:
         self.trained = list(state.get("trained", []))
+        if self.router is not None:
+            self.router.load(state.get("router", {}))
         for name in self.trained:
             self._ensure(ctx, name)

@@ -32,6 +32,8 @@ benchmarks: setup
 	$(PY) benchmarks/stream.py --suite engine
 	$(PY) benchmarks/stream.py --suite regularization
 	$(PY) benchmarks/stream.py --suite cpt
+	$(PY) benchmarks/stream.py --suite architecture
+	$(PY) benchmarks/stream.py --suite replay-budget
 	$(PY) benchmarks/es.py
 
 clean:

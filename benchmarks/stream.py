@@ -10,6 +10,12 @@ Suites (each run is `retain run configs/<run>.yaml` in its own process, one afte
   on BWT; Fisher estimate <= 10% of the task's training time; lwf <= 1.6x naive's time per step.
 - ``cpt``: continual pre-training on ``domains``: plain, rewarm, mix, rewarm+mix; per-domain
   perplexity after each stage.
+- ``architecture``: the memory and architecture methods (replay policies, generative replay,
+  bottleneck adapters, L2P, LoRA experts, O-LoRA, per-task LoRA with routing and merging)
+  against naive, lora+replay and joint (reused from the engine suite): AA, BWT, FM, probe,
+  trainable parameters, peak memory, wall time; routing accuracy and task-agnostic AA.
+- ``replay-budget``: lora+replay at buffer sizes 25, 50, 100, 200 for the reservoir,
+  coreset and surprise policies: AA against buffer size.
 
 Each run's results.json is copied to benchmarks/results/<suite>/, the summary to
 benchmarks/results/<suite>.{md,json}.
@@ -37,9 +43,25 @@ SUITES = {
     "engine": ["naive", "lora", "lora-per-task", "lora-replay", "joint"],
     "regularization": ["naive", "ewc", "lwf", "distill-replay", "sparse", "ewc-online", "lora-replay-ewc"],
     "cpt": ["cpt-plain", "cpt-rewarm", "cpt-mix", "cpt-rewarm-mix"],
+    "architecture": ["naive", "lora-replay", "joint", "lora-replay-coreset", "lora-replay-surprise",
+                     "generative-replay", "adapter-per-task", "l2p", "lora-experts", "olora", "lora-per-task-merge"],
 }
+BUDGETS = [25, 50, 100, 200]
+POLICIES = ["reservoir", "coreset", "surprise"]
+SUITES["replay-budget"] = [f"budget-{p}-{b}" for p in POLICIES for b in BUDGETS]
 # Where a suite's directory of per-run results lives (the engine suite predates suites).
-FOLDER = {"engine": "stream", "regularization": "regularization", "cpt": "cpt"}
+FOLDER = {"engine": "stream", "regularization": "regularization", "cpt": "cpt", "architecture": "architecture",
+          "replay-budget": "replay-budget"}
+# Runs measured by the engine suite with the same config: reused, not run again.
+REUSED = {"regularization": {"naive"}, "architecture": {"naive", "lora-replay", "joint"}}
+
+
+def command(name: str) -> tuple[str, list[str]]:
+    """The config a run uses and its overrides (budget runs are lora-replay with a policy and size)."""
+    if name.startswith("budget-"):
+        _, policy, size = name.split("-")
+        return "lora-replay", [f"replay.policy={policy}", f"replay.buffer_size={size}", f"name={name}"]
+    return name, []
 
 
 def load_times() -> dict:
@@ -127,7 +149,7 @@ def main() -> None:
     results = {}
     for name in (args.only.split(",") if args.only else SUITES[args.suite]):
         reused = RESULTS / "stream" / f"{name}.json"
-        if args.suite == "regularization" and name == "naive" and reused.is_file():
+        if name in REUSED.get(args.suite, ()) and reused.is_file():
             results[name] = load_results(reused)  # the same config, measured by the engine suite
             continue
         if args.summarize_only:
@@ -136,8 +158,10 @@ def main() -> None:
             continue
         # One process per run, exactly as a user runs it, so peak memory is the run's own.
         start = time.perf_counter()
-        subprocess.run([str(Path(sys.executable).parent / "retain"), "run", str(ROOT / "configs" / f"{name}.yaml"),
-                        f"output_dir={args.out}", "--overwrite", "--quiet"], check=True, stdout=subprocess.DEVNULL)
+        config, overrides = command(name)
+        subprocess.run([str(Path(sys.executable).parent / "retain"), "run", str(ROOT / "configs" / f"{config}.yaml"),
+                        *overrides, f"output_dir={args.out}", "--overwrite", "--quiet"], check=True,
+                       stdout=subprocess.DEVNULL)
         results[name] = load_results(Path(args.out) / name)
         print(f"{name}: {results[name]['metrics']} in {time.perf_counter() - start:.0f}s", flush=True)
         atomic_write_json(RESULTS / folder / f"{name}.json", results[name])
@@ -163,12 +187,61 @@ def main() -> None:
                                                    "train_tokens_per_s")} for n, r in results.items()}}, md)
 
 
+def architecture_table(results: dict) -> list[str]:
+    """One row per run: forgetting metrics, cost, and for per-task methods the routed scores."""
+    from retain.reporting.report import fmt
+
+    rows = ["| run | strategy | AA | BWT | FM | probe retained % | trainable params | peak MB | wall s "
+            "| routing % | AA routed |", "|" + "---|" * 11]
+    merges = []
+    for name, r in results.items():
+        m, routing = r["metrics"], r.get("routing") or {}
+        params = (r["timings"][0].get("trainable_parameters") if r.get("timings") else None)
+        rows.append(f"| {name} | {r['strategy']} | {fmt(m.get('AA'))} | {fmt(m.get('BWT'), signed=True)} | "
+                    f"{fmt(m.get('FM'))} | {fmt((r.get('probe') or {}).get('retention'))} | "
+                    f"{params if params is not None else '-'} | {fmt(r.get('peak_memory_mb'), 0)} | "
+                    f"{fmt(r.get('wall_s'), 0)} | {fmt(routing.get('accuracy'))} | {fmt(routing.get('AA'))} |")
+        for method, v in ((r.get("final") or {}).get("merge") or {}).get("methods", {}).items():
+            merges.append(f"| {name} | {method} | {fmt(v['AA'])} | {fmt(v['probe'])} |")
+    if merges:
+        rows += ["", "Merged adapters (one adapter scored on every task):", "",
+                 "| run | method | AA | probe |", "|---|---|---|---|", *merges]
+    return rows
+
+
+def budget_table(results: dict, plot: Path) -> list[str]:
+    """AA of each policy at each buffer size, as a table and a line plot."""
+    from retain.reporting.plots import _save, plt
+    from retain.reporting.report import fmt
+
+    aa = {p: {b: results[f"budget-{p}-{b}"]["metrics"].get("AA") for b in BUDGETS if f"budget-{p}-{b}" in results}
+          for p in POLICIES}
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for policy, points in aa.items():
+        if points:
+            ax.plot(list(points), list(points.values()), marker="o", label=policy)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("buffer size (examples)")
+    ax.set_ylabel("AA")
+    ax.legend()
+    _save(fig, plot)
+    return ["| policy | " + " | ".join(str(b) for b in BUDGETS) + " |", "|" + "---|" * (len(BUDGETS) + 1),
+            *[f"| {p} | " + " | ".join(fmt(aa[p].get(b)) for b in BUDGETS) + " |" for p in POLICIES]]
+
+
 def summarize_suite(suite: str, folder: str, results: dict, runs: list) -> None:
     m = machine()
     head = [f"{m['device']}, {m['torch_threads']} threads, {m['date']}; configs `configs/<run>.yaml`; "
             f"per-run results in `{folder}/`.", ""]
     if suite == "cpt":
         body = ["# Continual pre-training on the `domains` stream", "", *head, *cpt_tables(results)]
+    elif suite == "architecture":
+        compare_plot(runs, RESULTS / f"{folder}.png")
+        body = ["# Memory and architecture methods on the `numbers` stream", "", *head,
+                *architecture_table(results), "", f"![comparison]({folder}.png)", ""]
+    elif suite == "replay-budget":
+        body = ["# Replay memory budget: AA against buffer size (lora+replay, `numbers`)", "", *head,
+                *budget_table(results, RESULTS / f"{folder}.png"), "", f"![budget]({folder}.png)", ""]
     else:
         compare_plot(runs, RESULTS / f"{folder}.png")
         lines = regularization_checks(results)

@@ -91,6 +91,7 @@ class Run:
         if not params:
             raise RetainError(f"strategy '{stack.name}' left no trainable parameters for phase {phase}")
         ids = {id(p) for p in params}
+        trainable = sum(p.numel() for p in params)
         keys = [n for n, p in ctx.model.named_parameters() if id(p) in ids]
         self.state["trained_keys"] = sorted(set(self.state["trained_keys"]) | set(keys))
 
@@ -131,6 +132,7 @@ class Run:
         stack.after_task(ctx, tasks)
         return {
             "phase": phase, "tasks": [t.name for t in tasks], "steps": steps, "train_s": round(seconds, 3),
+            "trainable_parameters": trainable,
             "tokens": tokens, "tokens_per_s": round(tokens / seconds, 1) if seconds else None,
             "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
         }

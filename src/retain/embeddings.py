@@ -28,8 +28,32 @@ def embed_texts(model, tokenizer, texts: Sequence[str], batch_size: int = 32, ma
             encoded = [tokenizer(t, add_special_tokens=True)["input_ids"][:max_length] or [tokenizer.eos_token_id]
                        for t in texts[start:start + batch_size]]
             ids, mask = left_pad(encoded, tokenizer.pad_token_id)
-            out = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True)
-            hidden = out.hidden_states[-1].float()
-            weights = mask.to(device).unsqueeze(-1).float()
-            rows.append(((hidden * weights).sum(1) / weights.sum(1)).cpu())
-    return F.normalize(torch.cat(rows), dim=1)
+            rows.append(pooled_query(model, ids.to(device), mask.to(device)).cpu())
+    return torch.cat(rows)
+
+
+@torch.no_grad()
+def pooled_query(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 labels: torch.Tensor | None = None) -> torch.Tensor:
+    """The same embedding for a batch already tokenized: L2-normalized mean of the last hidden
+    states over the input's tokens (attended, and not answer tokens when labels are given,
+    so a training example is queried by its prompt alone, as at inference)."""
+    hidden = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states[-1]
+    use = attention_mask.bool() if labels is None else attention_mask.bool() & (labels == -100)
+    w = use.unsqueeze(-1).to(hidden.dtype)
+    return F.normalize(((hidden * w).sum(1) / w.sum(1).clamp(min=1)).float(), dim=-1)
+
+
+class ModelWrapper(torch.nn.Module):
+    """A module around a transformers model whose other attributes (config,
+    generation_config, ...) read through to it, so the loop and scorers can use either."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.base = model
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.base, name)

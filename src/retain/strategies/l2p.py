@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from retain.embeddings import ModelWrapper, pooled_query
 from retain.strategies.base import Context, Strategy, register
 
 
@@ -38,12 +39,11 @@ class L2POptions(BaseModel):
         return self
 
 
-class PromptPool(torch.nn.Module):
+class PromptPool(ModelWrapper):
     """The model with a prompt pool in front of it (see the module docstring)."""
 
     def __init__(self, model: torch.nn.Module, options: L2POptions, task_names: list[str]) -> None:
-        super().__init__()
-        self.base = model
+        super().__init__(model)
         self.options = options
         per_task = options.pool_size // len(task_names)
         if per_task < options.top_n:
@@ -64,13 +64,6 @@ class PromptPool(torch.nn.Module):
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
         model.get_input_embeddings().register_forward_hook(self._swap)
 
-    # Attributes the loop and the scorers read (config, generation_config, ...) are the base's.
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.base, name)
-
     def _swap(self, module, args, out: torch.Tensor) -> torch.Tensor:
         if self._pending is None or out.shape[1] != self._pending[0].shape[1]:
             return out
@@ -80,12 +73,8 @@ class PromptPool(torch.nn.Module):
         out[where] = vectors.reshape(-1, out.shape[-1]).to(out.dtype)
         return out
 
-    @torch.no_grad()
     def query(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        hidden = self.base(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states[-1]
-        use = attention_mask.bool() if labels is None else attention_mask.bool() & (labels == -100)
-        w = use.unsqueeze(-1).to(hidden.dtype)
-        return F.normalize((hidden * w).sum(1) / w.sum(1).clamp(min=1), dim=-1).float()
+        return pooled_query(self.base, input_ids, attention_mask, labels)
 
     @property
     def prompts(self) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from retain.embeddings import embed_texts
+from retain.embeddings import ModelWrapper, embed_texts, pooled_query
 from retain.strategies.base import Context, Strategy, register
 
 UNIVERSAL = "universal"
@@ -90,12 +90,12 @@ class ExpertLinear(torch.nn.Module):
         return out
 
 
-class ExpertMixture(torch.nn.Module):
+class ExpertMixture(ModelWrapper):
     """The model with routed LoRA experts; callers keep passing token ids."""
 
     def __init__(self, model: torch.nn.Module, options: ExpertOptions) -> None:
-        super().__init__()
-        self.base, self.options = model, options
+        super().__init__(model)
+        self.options = options
         self.layers: list[ExpertLinear] = []
         for parent in list(model.modules()):
             for name, child in list(parent.named_children()):
@@ -113,12 +113,6 @@ class ExpertMixture(torch.nn.Module):
         if options.universal:
             self.add_expert(UNIVERSAL)
 
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.base, name)
-
     def add_expert(self, name: str) -> None:
         for layer in self.layers:
             layer.add(name)
@@ -135,13 +129,9 @@ class ExpertMixture(torch.nn.Module):
         self._set(None)
         return embed_texts(self.base, tokenizer, texts, batch_size)
 
-    @torch.no_grad()
     def query(self, input_ids, attention_mask, labels) -> torch.Tensor:
-        self._set(None)
-        hidden = self.base(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states[-1]
-        use = attention_mask.bool() if labels is None else attention_mask.bool() & (labels == -100)
-        w = use.unsqueeze(-1).to(hidden.dtype)
-        return F.normalize(((hidden * w).sum(1) / w.sum(1).clamp(min=1)).float(), dim=-1)
+        self._set(None)  # the frozen base: no expert active
+        return pooled_query(self.base, input_ids, attention_mask, labels)
 
     def route(self, q: torch.Tensor) -> list[str]:
         """The expert of each row's nearest centroid (the training task's clusters while it trains)."""

@@ -73,22 +73,46 @@ def load_config_from(data):
     return validate_config(data)
 
 
-def test_parallel_workers_give_the_serial_result(tiny_config, tmp_path):
+def _parallel_equals_serial(tiny_config, tmp_path, **parallel):
     from retain.loop import restore
 
     runs = {}
-    for workers in (1, 2):
-        name = f"w{workers}"
-        cfg = load_config(tiny_config(name, strategy="es", es={**ES, "workers": workers}, train__max_steps=2))
-        runs[workers] = execute(cfg, quiet=True)
+    for name, extra in (("serial", {"workers": 1}), ("parallel", {"workers": 2, **parallel})):
+        cfg = load_config(tiny_config(name, strategy="es", es={**ES, **extra}, train__max_steps=2))
+        runs[name] = execute(cfg, quiet=True)
         ctx, _ = restore(tmp_path / "runs" / name)
-        runs[workers]["weights"] = {n: p.detach().clone() for n, p in ctx.model.named_parameters()}
-    assert runs[1]["R"] == runs[2]["R"]
-    assert [s["es"]["reward_last"] for s in runs[1]["strategy_stats"]] == \
-        [s["es"]["reward_last"] for s in runs[2]["strategy_stats"]]
-    assert any(s["es"]["flat_iterations"] < s["es"]["iterations"] for s in runs[1]["strategy_stats"])
-    for n, p in runs[1]["weights"].items():
-        assert torch.equal(p, runs[2]["weights"][n]), n
+        runs[name]["weights"] = {n: p.detach().clone() for n, p in ctx.model.named_parameters()}
+    serial, par = runs["serial"], runs["parallel"]
+    assert serial["R"] == par["R"]
+    assert [s["es"]["reward_last"] for s in serial["strategy_stats"]] == \
+        [s["es"]["reward_last"] for s in par["strategy_stats"]]
+    assert any(s["es"]["flat_iterations"] < s["es"]["iterations"] for s in serial["strategy_stats"])
+    for n, p in serial["weights"].items():
+        assert torch.equal(p, par["weights"][n]), n
+
+
+def test_parallel_workers_give_the_serial_result(tiny_config, tmp_path):
+    _parallel_equals_serial(tiny_config, tmp_path)
+
+
+def test_ray_actors_give_the_serial_result(tiny_config, tmp_path):
+    ray = pytest.importorskip("ray", reason="Ray is optional (pip install 'retain[ray]')")
+    try:
+        _parallel_equals_serial(tiny_config, tmp_path, backend="ray")
+    finally:
+        ray.shutdown()
+
+
+def test_ray_backend_without_ray_says_how_to_get_it(monkeypatch):
+    import builtins
+
+    from retain.es_ray import RayPool
+
+    real = builtins.__import__
+    monkeypatch.setattr(builtins, "__import__",
+                        lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name)) if name == "ray" else real(name, *a, **k))
+    with pytest.raises(RuntimeError, match="pip install 'ray>=2.9'"):
+        RayPool(2, {}, [])
 
 
 def test_grpo_trains_through_trl_and_writes_the_same_schema(tiny_config, tmp_path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 import time
+from typing import Literal
 from contextlib import closing
 
 import torch
@@ -41,6 +42,9 @@ class ESOptions(BaseModel):
                                        "each tensor's update coordinates (largest first)")
     anchor_decay: float = Field(default=0.0, ge=0, lt=1, description="pull toward the base weights per iteration")
     workers: int = Field(default=1, ge=1, description="processes scoring the population (CPU; same results)")
+    backend: Literal["processes", "ray"] = Field(default="processes", description="forked processes on this "
+                                                  "machine, or Ray actors (a Ray cluster with ray_address)")
+    ray_address: str | None = Field(default=None, description="Ray cluster address (none: a local Ray)")
 
     @model_validator(mode="after")
     def _even(self) -> "ESOptions":
@@ -119,9 +123,14 @@ class ES(Strategy):
         with eval_mode(model):
             members = self.members(ctx)
             if o.workers > 1 and self.pool is None:
-                # Forked now, at the phase's first iteration: the workers hold this phase's weights.
-                self.pool = WorkerPool(o.workers, lambda its, ms: self.population_rewards(ctx, its, ms, params),
-                                       lambda ms, zs: self._update(params, ms, zs))
+                # Started now, at the phase's first iteration: the workers hold this phase's weights.
+                if o.backend == "ray":
+                    from retain.es_ray import RayPool
+
+                    self.pool = RayPool(o.workers, ctx.config.resolved(), params, o.ray_address)
+                else:
+                    self.pool = WorkerPool(o.workers, lambda its, ms: self.population_rewards(ctx, its, ms, params),
+                                           lambda ms, zs: self._update(params, ms, zs))
             if self.pool is not None:
                 rewards, fixes = self.pool.score(items, members)
             else:

@@ -9,11 +9,11 @@ task is not given: the run's task-agnostic evaluation and ``retain generate`` us
 from __future__ import annotations
 
 from contextlib import contextmanager
-from pathlib import Path
 
 from retain.routing import TaskRouter
 from retain.strategies.base import Context, Strategy, register
 from retain.strategies.lora import LoraOptions, save_adapter, wrap_with_lora
+from retain.strategies.merge import use_adapter
 
 
 @register
@@ -56,17 +56,12 @@ class LoraPerTask(Strategy):
 
     @contextmanager
     def _use(self, ctx: Context, name: str | None):
-        model = ctx.model
-        previous = model.active_adapter
         if name is None:
-            with model.disable_adapter():
+            with ctx.model.disable_adapter():
                 yield
             return
-        model.set_adapter(name)
-        try:
+        with use_adapter(ctx.model, name):
             yield
-        finally:
-            model.set_adapter(previous)
 
     def route(self, ctx: Context, task: str | None):
         if task is None:

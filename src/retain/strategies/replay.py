@@ -170,15 +170,15 @@ class Replay(Strategy):
         o = self.options
         if o.policy == "reservoir" and o.budget_tokens is None:
             return Reservoir(o.buffer_size, f"replay/{seed}")
-        cost = None
-        if o.budget_tokens is not None:
-            tokenizer = ctx.tokenizer if ctx is not None else None
+        if o.budget_tokens is None:
+            return TaskMemory(o.buffer_size, None, f"replay/{seed}")
+        tokenizer = ctx.tokenizer if ctx is not None else None
 
-            def cost(item: Item) -> int:
-                if tokenizer is None:
-                    raise RuntimeError("replay.budget_tokens counts tokens: set the strategy up with the run first")
-                return len(tokenizer(item.prompt + item.target)["input_ids"])
-        return TaskMemory(o.budget_tokens or o.buffer_size, cost, f"replay/{seed}")
+        def tokens(item: Item) -> int:
+            if tokenizer is None:
+                raise RuntimeError("replay.budget_tokens counts tokens: set the strategy up with the run first")
+            return len(tokenizer(item.prompt + item.target)["input_ids"])
+        return TaskMemory(o.budget_tokens, tokens, f"replay/{seed}")
 
     @property
     def buffer(self) -> list[Item]:

@@ -6,6 +6,9 @@ same reward batch. Peak resident memory is reset between the two measurements th
 /proc/self/clear_refs (Linux), so each peak is that phase's own.
 
     .venv/bin/python benchmarks/es.py [--population 8] [--batches 8 32] [--rounds 3]
+
+On a GPU, peaks are CUDA allocator peaks; ``--model DIR --dtype bfloat16 --name es-gpu-...``
+measures another model (a local folder) in bf16 weights and writes its own results file.
 """
 
 from __future__ import annotations
@@ -46,11 +49,15 @@ def main() -> None:
                     help="reward batch sizes (prompts per member); the study uses 8")
     ap.add_argument("--max-new-tokens", type=int, default=12)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="any model spec `retain run` accepts")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="weight dtype (bf16 weights restore through more fixed entries)")
+    ap.add_argument("--name", default="es", help="results file stem under benchmarks/results/")
     args = ap.parse_args()
 
-    model, tok = load_model("smollm2-135m-instruct")
+    model, tok = load_model(args.model)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model.to(device).eval()
+    model.to(device=device, dtype=getattr(torch, args.dtype)).eval()
     # Weights loaded from safetensors may be file-backed pages that inference only reads;
     # make them private memory first, as any training does, so both peaks count them alike.
     with torch.no_grad():
@@ -113,11 +120,11 @@ def main() -> None:
                      f"{'met' if worst_mem <= 1.2 else 'NOT met'}"]
     lines = [
         "# ES iteration cost", "",
-        f"SmolLM2-135M-Instruct ({n_weights / 1e6:.1f}M weights, float32), population {args.population}, "
+        f"`{args.model}` ({n_weights / 1e6:.1f}M weights, {args.dtype}), population {args.population}, "
         f"reward batches of {', '.join(map(str, args.batches))} prompts of the `arithmetic` task, exactly "
         f"{args.max_new_tokens} new tokens per answer (greedy); "
         f"{machine()['device']}, {machine()['torch_threads']} threads, {machine()['date']}. "
-        f"Resident memory after loading: {base_mb:.0f} MB. Noise: windows of a shared {TABLE_SIZE / 2**20:.0f}M-entry "
+        f"{'CUDA memory allocated' if device == 'cuda' else 'Resident memory'} after loading: {base_mb:.0f} MB. Noise: windows of a shared {TABLE_SIZE / 2**20:.0f}M-entry "
         "table; members visited in one pass each (restore and next perturbation per chunk).", "",
         "| batch | round | N generations s | ES iteration s | time ratio | overhead per member s | inference peak MB "
         "| ES peak MB | memory ratio | restore fixes |",
@@ -127,7 +134,7 @@ def main() -> None:
           f"{x['restore_fixes']} ({100 * x['restore_fixes_fraction']:.3f}%) |" for x in rows], "",
         *verdicts, "",
     ]
-    write("es", {"machine": machine(), "population": args.population, "batches": args.batches,
+    write(args.name, {"machine": machine(), "model": args.model, "dtype": args.dtype, "population": args.population, "batches": args.batches,
                  "max_new_tokens": args.max_new_tokens, "weights": n_weights, "rounds": rows}, "\n".join(lines))
 
 

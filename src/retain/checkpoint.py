@@ -63,6 +63,7 @@ def restore_tensors(run_dir: Path, model: torch.nn.Module, keys: list[str]) -> N
         raise RetainError(f"{path}: tensors do not fit the model (e.g. {result.unexpected_keys[0]})")
 
 
-def load_strategy_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
+def load_strategy_tensors(run_dir: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Onto the model's device, where the strategy made them (EWC's anchors meet the weights there)."""
     path = run_dir / "checkpoints" / STRATEGY_TENSORS
-    return load_file(str(path)) if path.is_file() else {}
+    return load_file(str(path), device=str(device)) if path.is_file() else {}

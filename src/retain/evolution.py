@@ -159,7 +159,8 @@ class Perturbation:
                 back = torch.sub(view, x, alpha=scale, out=get("back", n, p.dtype, p.device))
                 wrong = _where(torch.ne(_bits(back), _bits(original), out=get("wrong", n, torch.bool, p.device)))
                 if wrong.numel():
-                    self.fixes[(index, c)] = (wrong, original[wrong])
+                    # int32 positions (a chunk has at most 2^20 entries): the list costs 4 bytes per entry, not 8.
+                    self.fixes[(index, c)] = (wrong.to(torch.int32), original[wrong])
         if apply is not None:
             self.seed, self.scale = apply
 

@@ -231,7 +231,7 @@ def execute(config: RunConfig, *, run_dir: Path | None = None, resume: bool = Fa
     if saved:
         run.state = saved
         stack.load_state_dict(ctx, saved["strategy"])
-        stack.load_state_tensors(checkpoint.load_strategy_tensors(run_dir))
+        stack.load_state_tensors(checkpoint.load_strategy_tensors(run_dir, ctx.accelerator.device))
         checkpoint.restore_tensors(run_dir, ctx.accelerator.unwrap_model(ctx.model), saved["trained_keys"])
         ui.info(f"resuming {run_dir} after {saved['completed_phases']} completed phase(s)")
     started = time.perf_counter()

@@ -1,11 +1,13 @@
 """ES and the update analysis inside real runs on tiny-random."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from retain.config import load_config
+from retain.errors import RetainError
 from retain.loop import execute
 from retain.strategies.lora import LoraOptions  # noqa: F401 - registers lora
 
@@ -54,7 +56,7 @@ def test_lora_es_moves_only_adapter_weights(tiny_config, tmp_path):
     for name, p in ctx.model.named_parameters():
         if "lora_" not in name:
             key = name.replace("base_model.model.", "").replace(".base_layer", "")
-            assert torch.equal(p, base_state[key]), name
+            assert torch.equal(p.cpu(), base_state[key]), name
 
 
 def test_es_refuses_perplexity_tasks(tmp_path):
@@ -117,9 +119,12 @@ def test_ray_backend_without_ray_says_how_to_get_it(monkeypatch):
 
 def test_grpo_trains_through_trl_and_writes_the_same_schema(tiny_config, tmp_path):
     analysis = {"enabled": True, "every": 1, "kl_prompts": 4}
+    # Four samples per prompt, rewarded for containing a letter: about half do, so the rewards of a
+    # group differ (and the policy gets a gradient) whatever the device's random draws.
     grpo = execute(load_config(tiny_config("grpo", strategy="grpo", analysis=analysis, train__max_steps=2,
-                                           train__lr=1e-2, grpo={"num_generations": 2, "max_completion_length": 4,
-                                                                 "format_weight": 1.0})), quiet=True)
+                                           train__lr=1e-2, train__batch_size=8,
+                                           grpo={"num_generations": 4, "max_completion_length": 4, "format_weight": 1.0,
+                                                 "format_pattern": ".*[A-Za-z].*"})), quiet=True)
     sft = execute(load_config(tiny_config("sft", strategy="naive", train__max_steps=2)), quiet=True)
     assert set(grpo) == set(sft)
     assert [t["steps"] for t in grpo["timings"]] == [2, 2] and grpo["timings"][0]["tokens"] > 0
@@ -179,3 +184,19 @@ def test_study_refuses_arms_without_the_analysis_or_with_one_name(tiny_config, t
     study.write_text(yaml.safe_dump({"name": "s", "arms": [{"config": "a.yaml", "set": ["train.max_steps=3"]}]}))
     _, (cfg,) = load_study(study, ["train.max_steps=7", "seed=5"])  # every arm, after its own set
     assert (cfg.train.max_steps, cfg.seed) == (7, 5)
+
+
+def test_grpo_stops_with_a_clear_error_on_a_nan_gradient(tiny_config, monkeypatch):
+    import transformers
+
+    real_log = transformers.Trainer.log
+
+    def nan_log(self, logs, *args, **kwargs):  # what TRL logs when a bf16 step on CUDA goes NaN
+        return real_log(self, {**logs, "grad_norm": float("nan")} if "loss" in logs else logs, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.Trainer, "log", nan_log)
+    cfg = load_config(tiny_config("grpo-nan", strategy="grpo", train__max_steps=2,
+                                  grpo={"num_generations": 2, "max_completion_length": 4}))
+    with pytest.raises(RetainError, match="gradient is NaN at step 1 of phase 0"):
+        execute(cfg, quiet=True)
+    assert not (Path(cfg.output_dir) / "grpo-nan" / "results.json").exists()

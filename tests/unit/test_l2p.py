@@ -89,6 +89,6 @@ def test_l2p_run_scores_every_task_with_a_frozen_base(tiny_config):
     fresh = dict(load_model("tiny-random", seed=cfg.seed)[0].named_parameters())
     for name, p in ctx.model.named_parameters():
         if name.startswith("base."):
-            assert torch.equal(p, fresh[name[len("base."):]]), name
+            assert torch.equal(p.cpu(), fresh[name[len("base."):]]), name
     with pytest.raises(Exception, match="each task needs at least top_n=3"):
         execute(load_config(tiny_config("l2p-small", strategy="l2p", l2p={"pool_size": 4, "top_n": 3})), quiet=True)

@@ -87,7 +87,7 @@ def test_lwf_term_is_zero_when_teacher_equals_student(tiny_config, tmp_path):
     from retain.batching import collate
 
     items = ctx.stream.tasks[1].items(ctx.tokenizer)[:4]
-    batch = collate(ctx.tokenizer, items, 64)
+    batch = {k: v.to(ctx.model.device) for k, v in collate(ctx.tokenizer, items, 64).items()}
     outputs = ctx.model(**batch)
     assert lwf.extra_loss(ctx, batch, outputs, items).abs().item() < 1e-6
     with torch.no_grad():  # the student moves: the term becomes positive, the teacher does not move
@@ -186,7 +186,7 @@ def test_distill_replay_stores_k_logprobs_per_position(tiny_config, tmp_path):
     assert sum(not i.lm_loss for i in batch_items) == 2
     from retain.batching import collate
 
-    batch = collate(ctx.tokenizer, batch_items, 256)
+    batch = {k: v.to(ctx.model.device) for k, v in collate(ctx.tokenizer, batch_items, 256).items()}
     loss = dr.extra_loss(ctx, batch, ctx.model(**batch), batch_items)
     assert torch.isfinite(loss) and loss.item() > 0
 

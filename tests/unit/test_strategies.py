@@ -66,7 +66,7 @@ def test_lora_per_task_routes_each_task_to_its_adapter(tiny_config, tmp_path):
     with stack.route(ctx, first.name):
         assert ctx.model.active_adapter == first.name
     with stack.route(ctx, second.name):  # not trained yet: the base model
-        ids = torch.tensor([[1, 2, 3]])
+        ids = torch.tensor([[1, 2, 3]], device=ctx.model.device)
         routed = ctx.model(input_ids=ids).logits
     with ctx.model.disable_adapter():
         plain = ctx.model(input_ids=ids).logits

@@ -11,6 +11,7 @@ alpha=5e-4.
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from typing import Literal
@@ -25,6 +26,8 @@ from retain.rewards import FormatPattern, RewardKind, score
 from retain.evolution import apply_update, perturbed_members, unique_parameters, zscore
 from retain.strategies.base import Context, Strategy, register
 from retain.streams.task import Item
+
+log = logging.getLogger(__name__)
 
 
 class ESOptions(BaseModel):
@@ -122,7 +125,11 @@ class ES(Strategy):
         model, params, o = ctx.model, self._params(ctx), self.options
         with eval_mode(model):
             members = self.members(ctx)
-            if o.workers > 1 and self.pool is None:
+            # CUDA cannot be forked, and one member's generation already fills the GPU.
+            forked_on_gpu = o.backend == "processes" and params[0][1].is_cuda
+            if o.workers > 1 and forked_on_gpu and not self._iterations:
+                log.warning("es.workers=%d ignored on a GPU: the population is scored serially", o.workers)
+            if o.workers > 1 and self.pool is None and not forked_on_gpu:
                 # Started now, at the phase's first iteration: the workers hold this phase's weights.
                 if o.backend == "ray":
                     from retain.es_ray import RayPool

@@ -10,12 +10,14 @@ adapter and needs no reference copy (TRL disables the adapter instead).
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from typing import Callable
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from retain.errors import RetainError
 from retain.rewards import FormatPattern, RewardKind, score
 from retain.strategies.base import Context, Strategy, register
 
@@ -76,6 +78,12 @@ class GRPO(Strategy):
             seen_tokens = 0
 
             def on_log(self, args, state, control, logs=None, **kw):
+                if logs and math.isnan(float(logs.get("grad_norm", 0.0))):
+                    # Stop here: the NaN weights would next fail deep inside sampling (a CUDA assert).
+                    hint = (" bf16 GRPO gave NaN gradients on CUDA in retain's GPU check; set train.precision: no"
+                            if cfg.train.precision != "no" else "")
+                    raise RetainError(f"grpo: the gradient is NaN at step {state.global_step} of phase {ctx.phase}."
+                                      + hint)
                 if logs and "loss" in logs and "num_tokens" in logs:
                     tokens = int(logs["num_tokens"]) - Relay.seen_tokens
                     Relay.seen_tokens = int(logs["num_tokens"])

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# GPU check: the CUDA paths of retain on random models of the embedded model's shape and of
+# Qwen2.5-1.5B's (no weights need to travel), each step under its own time limit.
+#
+#   DEADLINE=500 bash benchmarks/gpu_check.sh OUT_DIR [TOKENIZER_DIR]
+#
+# Needs a CUDA machine with retain importable and `retain` on PATH. Writes OUT_DIR/log.txt
+# (every step's output), OUT_DIR/runs.jsonl (each run's key figures, as it ends), the ES
+# cost results es-gpu-*.{md,json} and pytest.txt. Steps run in order of importance; none
+# starts or runs past DEADLINE seconds, so a leased machine's time limit is kept.
+set -u
+OUT=${1:?usage: gpu_check.sh OUT_DIR [TOKENIZER_DIR]}
+TOK=${2:-.gpu/tok}
+DEADLINE=${DEADLINE:-500}
+M=/tmp/retain-gpu-models
+R=/tmp/retain-gpu-runs
+mkdir -p "$OUT" "$M" "$R"
+LOG="$OUT/log.txt"
+
+step() {  # step NAME SECONDS COMMAND...
+  local name=$1 limit=$2 start=$SECONDS
+  shift 2
+  local left=$((DEADLINE - SECONDS))
+  if ((left < 20)); then echo "=== $name skipped (deadline)" | tee -a "$LOG"; return; fi
+  ((limit > left)) && limit=$left
+  echo "=== $name" >>"$LOG"
+  timeout "$limit" "$@" >>"$LOG" 2>&1
+  local rc=$?
+  echo "=== $name rc=$rc $((SECONDS - start))s" | tee -a "$LOG"
+}
+
+run() {  # run NAME CONFIG OVERRIDES... : one `retain run` on the GPU
+  local name=$1 config=$2
+  shift 2
+  step "$name" 150 retain run "configs/$config.yaml" "name=$name" "output_dir=$R" "model=$M/smol" \
+    eval.max_test=16 eval.probe_max=16 "$@" --overwrite --quiet
+  [ -f "$R/$name/results.json" ] && python3 -c "import json, sys
+r = json.load(open(sys.argv[1]))
+keys = ('metrics', 'wall_s', 'peak_memory_mb', 'train_tokens_per_s', 'timings', 'strategy_stats', 'routing', 'final')
+print(json.dumps({'run': sys.argv[2], **{k: r.get(k) for k in keys}}, default=str))" "$R/$name/results.json" "$name" \
+    >>"$OUT/runs.jsonl"
+}
+
+{ nvidia-smi -L; python3 -c "import torch, transformers, peft, trl, pyarrow; print('torch', torch.__version__, \
+'transformers', transformers.__version__, 'peft', peft.__version__, 'trl', trl.__version__, 'pyarrow', pyarrow.__version__)"; } >>"$LOG" 2>&1
+step models 120 sh -c "python3 benchmarks/random_model.py smollm2-135m $M/smol --tokenizer $TOK && \
+  python3 benchmarks/random_model.py qwen2.5-1.5b $M/qwen --tokenizer $TOK"
+
+step es-bench-smol 120 python3 benchmarks/es.py --model $M/smol --batches 8 32 --rounds 3 --name es-gpu-smollm2
+run lora-bf16 lora train.max_steps=20 train.precision=bf16
+run lora-fp32 lora train.max_steps=20
+run es es-arithmetic train.max_steps=4 analysis.every=2
+run grpo-bf16 grpo-arithmetic train.max_steps=3 train.precision=bf16 analysis.every=2
+step pytest 200 python3 -m pytest -q -m "not embedded" -n 8 -p no:cacheprovider tests
+step es-bench-qwen 150 python3 benchmarks/es.py --model $M/qwen --batches 8 --rounds 2 --dtype bfloat16 \
+  --max-new-tokens 16 --name es-gpu-qwen15
+run qwen-lora-bf16 lora model=$M/qwen train.max_steps=10 train.precision=bf16 eval.probe_max=8
+run merge lora-per-task-merge train.max_steps=5
+run experts lora-experts train.max_steps=5
+sed -n '/^=== pytest$/,/^=== pytest rc/p' "$LOG" >"$OUT/pytest.txt"
+cp benchmarks/results/es-gpu-* "$OUT/" 2>/dev/null
+

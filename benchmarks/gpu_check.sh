@@ -2,15 +2,18 @@
 # GPU check: the CUDA paths of retain on random models of the embedded model's shape and of
 # Qwen2.5-1.5B's (no weights need to travel), each step under its own time limit.
 #
-#   DEADLINE=500 bash benchmarks/gpu_check.sh OUT_DIR [TOKENIZER_DIR]
+#   DEADLINE=500 bash benchmarks/gpu_check.sh OUT_DIR TOKENIZER_DIR
 #
+# TOKENIZER_DIR: a saved tokenizer, e.g. a copy of the embedded model's from retain's cache
+# (~/.cache/retain/gguf/SmolLM2-*/tokenizer*.json and chat_template.jinja; 3.5 MB).
 # Needs a CUDA machine with retain importable and `retain` on PATH. Writes OUT_DIR/log.txt
 # (every step's output), OUT_DIR/runs.jsonl (each run's key figures, as it ends), the ES
 # cost results es-gpu-*.{md,json} and pytest.txt. Steps run in order of importance; none
 # starts or runs past DEADLINE seconds, so a leased machine's time limit is kept.
 set -u
-OUT=${1:?usage: gpu_check.sh OUT_DIR [TOKENIZER_DIR]}
-TOK=${2:-.gpu/tok}
+OUT=${1:?usage: gpu_check.sh OUT_DIR TOKENIZER_DIR}
+TOK=${2:?usage: gpu_check.sh OUT_DIR TOKENIZER_DIR (a saved tokenizer folder)}
+[ -f "$TOK/tokenizer_config.json" ] || { echo "no tokenizer_config.json in $TOK" >&2; exit 2; }
 DEADLINE=${DEADLINE:-500}
 M=/tmp/retain-gpu-models
 R=/tmp/retain-gpu-runs

@@ -76,6 +76,35 @@ def test_pseudo_examples_come_from_generation_and_the_memory_holds_no_raw_exampl
     assert gr.state_dict()["pseudo"] == [["parity", "Is 12 even?\nAnswer:", " yes"]] * 2
 
 
+def test_chat_format_examples_are_generated_past_the_end_of_the_user_turn():
+    """The chat template closes the user turn with the eos token; sampling must not stop there."""
+    import torch
+
+    from retain.models import load_model
+
+    model, tok = load_model("tiny-random", seed=0)
+    task = Task("parity", [Example("Is 4 even?", "yes", ("yes", "no"))], [], metric="choice", template="{input}",
+                format="chat")
+    example = Item("parity", task.prompt(tok, Example("Is 12 even?", "")), task.target("yes"))
+    assert tok.eos_token in example.prompt  # the case at hand: eos in the middle of an example
+    # What generation training teaches: the whole example, then the eos that ends every target.
+    script = tok(" " + example.prompt + example.target + tok.eos_token, add_special_tokens=False)["input_ids"]
+    prefix_len = len(tok(gen_prefix("parity"))["input_ids"])
+    real_forward = model.forward
+
+    def scripted(*args, **kwargs):  # the real model and generate(), with the next token dictated
+        out = real_forward(*args, **kwargs)
+        step = kwargs["attention_mask"].shape[1] - prefix_len
+        out.logits[:, -1, :] = float("-inf")
+        out.logits[:, -1, script[min(step, len(script) - 1)]] = 0.0
+        return out
+
+    model.forward = scripted
+    gr = GenerativeReplay(GenerativeReplayOptions(samples_per_task=2, max_new_tokens=len(script) + 2))
+    kept, made = gr.sample(SimpleNamespace(model=model, tokenizer=tok), task)
+    assert made == 2 and [(i.prompt, i.target) for i in kept] == [(example.prompt, example.target)] * 2
+
+
 def test_generative_replay_run_records_generated_and_kept(tiny_config):
     from retain.checkpoint import load_state
     from retain.config import load_config

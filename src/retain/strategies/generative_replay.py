@@ -94,9 +94,13 @@ class GenerativeReplay(Strategy):
         with eval_mode(model):
             while made < o.samples_per_task:
                 n = min(16, o.samples_per_task - made)
+                # eos_token_id=None: a chat-format example holds the end-of-turn token (often the
+                # eos) after the user turn, and stopping there would cut every example in half;
+                # the parser cuts the answer at its end instead.
                 out = model.generate(input_ids=ids.expand(n, -1), attention_mask=torch.ones_like(ids).expand(n, -1),
                                      do_sample=True, temperature=o.temperature, top_k=0, top_p=1.0,
-                                     max_new_tokens=o.max_new_tokens, pad_token_id=tok.pad_token_id)
+                                     max_new_tokens=o.max_new_tokens, pad_token_id=tok.pad_token_id,
+                                     eos_token_id=None)
                 for row in out[:, ids.shape[1]:]:
                     item = fmt.parse(tok.decode(row, skip_special_tokens=False).lstrip())
                     if item is not None:

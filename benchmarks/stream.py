@@ -15,7 +15,8 @@ Suites (each run is `retain run configs/<run>.yaml` in its own process, one afte
   against naive, lora+replay and joint (reused from the engine suite): AA, BWT, FM, probe,
   trainable parameters, peak memory, wall time; routing accuracy and task-agnostic AA.
 - ``replay-budget``: lora+replay at buffer sizes 25, 50, 100, 200 for the reservoir,
-  coreset and surprise policies: AA against buffer size.
+  coreset and surprise policies: AA against buffer size (size 200 is the configs' own, so
+  those three runs are reused from the engine and architecture suites).
 
 Each run's results.json is copied to benchmarks/results/<suite>/, the summary to
 benchmarks/results/<suite>.{md,json}.
@@ -54,6 +55,9 @@ FOLDER = {"engine": "stream", "regularization": "regularization", "cpt": "cpt", 
           "replay-budget": "replay-budget"}
 # Runs measured by the engine suite with the same config: reused, not run again.
 REUSED = {"regularization": {"naive"}, "architecture": {"naive", "lora-replay", "joint"}}
+# Budget runs whose config equals a run another suite measured (buffer 200 is the configs' size).
+SAME_AS = {"budget-reservoir-200": "stream/lora-replay", "budget-coreset-200": "architecture/lora-replay-coreset",
+           "budget-surprise-200": "architecture/lora-replay-surprise"}
 
 
 def command(name: str) -> tuple[str, list[str]]:
@@ -151,6 +155,9 @@ def main() -> None:
         reused = RESULTS / "stream" / f"{name}.json"
         if name in REUSED.get(args.suite, ()) and reused.is_file():
             results[name] = load_results(reused)  # the same config, measured by the engine suite
+            continue
+        if name in SAME_AS and (RESULTS / f"{SAME_AS[name]}.json").is_file():
+            results[name] = load_results(RESULTS / f"{SAME_AS[name]}.json")
             continue
         if args.summarize_only:
             if (RESULTS / folder / f"{name}.json").is_file():

@@ -78,8 +78,6 @@ def test_pseudo_examples_come_from_generation_and_the_memory_holds_no_raw_exampl
 
 def test_chat_format_examples_are_generated_past_the_end_of_the_user_turn():
     """The chat template closes the user turn with the eos token; sampling must not stop there."""
-    import torch
-
     from retain.models import load_model
 
     model, tok = load_model("tiny-random", seed=0)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from transformers import AutoTokenizer, LlamaConfig, PretrainedConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PretrainedConfig, Qwen2Config
 
 SHAPES: dict[str, PretrainedConfig] = {
     # SmolLM2-135M-Instruct, as the embedded GGUF declares it.
@@ -48,8 +48,6 @@ def main() -> None:
         raise SystemExit(f"the tokenizer in {args.tokenizer} has {len(tok)} ids, more than {args.shape}'s "
                          f"vocabulary of {config.vocab_size}")
     torch.manual_seed(args.seed)
-    from transformers import AutoModelForCausalLM
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(device):  # initializing 1.5B weights on a GPU takes a second, not a minute
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)

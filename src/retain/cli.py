@@ -64,7 +64,7 @@ def _matrix_table(results: dict) -> Table:
 def run(
     config: Optional[Path] = typer.Argument(None, help="YAML run config (see configs/)."),
     overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides, e.g. train.max_steps=20"),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue a killed run from its last completed task."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue a killed run from its last completed task (es: its last in-task checkpoint)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or per-task lines."),
 ) -> None:

@@ -63,6 +63,8 @@ class TrainConfig(_Strict):
     max_length: int = Field(default=256, ge=8, description="tokens per training example")
     precision: Literal["no", "bf16", "fp16"] = "no"
     device: Literal["auto", "cpu"] = "auto"
+    checkpoint_every: int = Field(default=10, ge=0, description="steps between checkpoints inside a phase, for "
+                                  "strategies that resume there exactly (es); 0: at phase ends only")
 
 
 class EvalConfig(_Strict):

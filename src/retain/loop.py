@@ -103,11 +103,22 @@ class Run:
         items = [item for task in tasks for item in task.items(ctx.tokenizer)]
         batches = stack.batches(ctx, tasks, batch_stream(items, cfg.batch_size, rng))
         ctx.model.train()
-        tokens, losses = 0, []
-        start = time.perf_counter()
+        # An hour-long ES phase checkpoints every few iterations; a resumed run skips the
+        # batches those iterations drew (the same ones: the batch order is seeded).
+        every = cfg.checkpoint_every if stack.checkpoints_in_phase else 0
+        progress = self.state.pop("progress", None) or {}
+        if progress.get("phase") != phase:
+            progress = {"losses": [], "tokens": 0, "seconds": 0.0}
+        tokens, losses = progress["tokens"], progress["losses"]
+        skip = len(losses)
+        start = time.perf_counter() - progress["seconds"]
         label = "+".join(t.name for t in tasks)
         done = sum(t["steps"] for t in self.state["timings"])
         with self.ui.bar(steps, f"train {label}") as advance:
+            if skip:
+                self.ui.info(f"  resuming phase {phase + 1} at step {skip + 1} of {steps}")
+                advance(skip, "resumed")
+
             def on_step(loss: float, n_tokens: int) -> None:
                 nonlocal tokens
                 tokens += n_tokens
@@ -116,11 +127,16 @@ class Run:
                 if self.tracker and step < steps and self.tracker.due(step, steps):
                     self.state.setdefault("updates", []).append(self.tracker.measure(ctx, phase, step, done + step))
                 advance(1, f"loss {loss:.3f}")
+                if every and step % every == 0 and step < steps:
+                    self.state["progress"] = {"phase": phase, "losses": losses, "tokens": tokens,
+                                              "seconds": time.perf_counter() - start}
+                    self.checkpoint(ctx, stack)
+                    del self.state["progress"]
 
             # A strategy may train the phase itself (TRL's GRPO trainer) or replace each
             # gradient step (evolution strategies); otherwise: loss, backward, clip, step.
             if not stack.train_phase(ctx, tasks, steps, on_step):
-                for items_batch in islice(batches, steps):
+                for items_batch in islice(batches, skip, steps):
                     on_step(*(stack.step(ctx, items_batch)
                               or self.gradient_step(ctx, stack, items_batch, params, optimizer, scheduler)))
         seconds = time.perf_counter() - start

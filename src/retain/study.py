@@ -69,6 +69,8 @@ def run_study(path: str | Path, quiet: bool = False, overrides: list[str] | None
     from retain.reporting import load_results
 
     study, configs = load_study(path, overrides)
+    for cfg in configs:  # before any arm runs: a mismatch found late would leave the study half-done
+        check_arm_folder(run_dir_for(cfg), cfg)
     results = []
     for cfg in configs:
         run_dir = run_dir_for(cfg)
@@ -78,6 +80,36 @@ def run_study(path: str | Path, quiet: bool = False, overrides: list[str] | None
         resume = (run_dir / "checkpoints" / "state.json").is_file()
         results.append(execute(cfg, run_dir=run_dir, resume=resume, quiet=quiet, overwrite=not resume))
     return write_study(Path(study.output_dir) / study.name, study.name, results)
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr": 1}}`` -> ``{"train.lr": 1}``."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_arm_folder(run_dir: Path, cfg) -> None:
+    """An arm's folder from an earlier study must hold the same run, or the study would
+    silently report (or resume) a run of other settings, e.g. one of fewer steps."""
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        return
+    saved = _flatten(read_yaml(saved_path))
+    wanted = _flatten(cfg.resolved())
+    # Keys the saved config lacks are options added since it ran; they keep their defaults.
+    changed = [k for k in wanted if k in saved and saved[k] != wanted[k]]
+    if changed:
+        key = changed[0]
+        more = f" (and {len(changed) - 1} more keys)" if len(changed) > 1 else ""
+        raise RetainError(
+            f"{run_dir} holds arm '{cfg.name}' run with {key}={saved[key]!r}, but the study now asks "
+            f"{key}={wanted[key]!r}{more}; delete or move that folder to run the arm again, or give "
+            "the study another name or output_dir")
 
 
 def final_update(r: dict[str, Any]) -> dict[str, Any]:

@@ -161,6 +161,13 @@ def test_study_runs_each_arm_once_and_reports_them_side_by_side(tiny_config, tmp
     stamp = (tmp_path / "out" / "s" / "es" / "results.json").stat().st_mtime_ns
     run_study(study, quiet=True)  # finished arms are not run again
     assert (tmp_path / "out" / "s" / "es" / "results.json").stat().st_mtime_ns == stamp
+    # Other settings for the same arms: refused before anything runs, nothing replaced.
+    from retain.errors import RetainError
+
+    with pytest.raises(RetainError, match=r"out/s/sft holds arm 'sft' run with train.max_steps=2, but the study "
+                                          r"now asks train.max_steps=5.*delete or move that folder"):
+        run_study(study, quiet=True, overrides=["train.max_steps=5"])
+    assert (tmp_path / "out" / "s" / "es" / "results.json").stat().st_mtime_ns == stamp
 
 
 def test_study_refuses_arms_without_the_analysis_or_with_one_name(tiny_config, tmp_path):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, ContextManager, Iterator
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, ContextManager, Iterator, Literal
 
 import torch
 from pydantic import BaseModel
@@ -55,6 +55,11 @@ class Strategy:
     incompatible: ClassVar[frozenset[str]] = frozenset()
     #: Names of strategies this one needs in the same stack (``merge`` needs ``lora-per-task``).
     requires: ClassVar[frozenset[str]] = frozenset()
+    #: What a checkpoint inside a phase needs of this strategy. "step": it replaces the
+    #: optimizer step and keeps its state between steps in the weights and ``state_dict``
+    #: (es); "none": it keeps no state inside a phase (naive, lora); None: unknown, so runs
+    #: using it checkpoint at phase ends only (an optimizer's moments are not saved).
+    mid_phase: ClassVar[Literal["step", "none"] | None] = None
 
     def __init__(self, options: BaseModel | None = None) -> None:
         # Strategies built outside a config (tests, notebooks) get their default options.
@@ -211,6 +216,13 @@ class StrategyStack:
     @property
     def name(self) -> str:
         return "+".join(s.name for s in self.strategies)
+
+    @property
+    def checkpoints_in_phase(self) -> bool:
+        """A checkpoint inside a phase resumes exactly: one strategy replaces the optimizer
+        step with a stateless update and none of the others keeps in-phase state."""
+        kinds = [s.mid_phase for s in self.strategies]
+        return "step" in kinds and None not in kinds
 
     def setup(self, ctx: Context) -> torch.nn.Module:
         for s in self.strategies:

@@ -64,12 +64,16 @@ class ES(Strategy):
     Options = ESOptions
     # Their terms act through gradients or the optimizer, which an ES step does not use.
     incompatible = frozenset({"ewc", "lwf", "distill-replay", "sparse", "rewarm"})
+    # An iteration's members derive from the iterations done (state_dict), the update lives
+    # in the weights: a run can checkpoint and resume between iterations.
+    mid_phase = "step"
 
     def __init__(self, options: ESOptions | None = None) -> None:
         super().__init__(options)
         self.anchor: dict[str, torch.Tensor] | None = None
         self._stats: dict = {}
         self._iterations: list[dict] = []
+        self._phase: int | None = None  # the phase _iterations belong to
         self.pool: WorkerPool | None = None
 
     def setup(self, ctx: Context) -> None:
@@ -85,7 +89,14 @@ class ES(Strategy):
         return unique_parameters([(n, p) for n, p in ctx.model.named_parameters() if p.requires_grad])
 
     def before_task(self, ctx: Context, tasks) -> None:
-        self._iterations = []
+        if self._phase != ctx.phase:  # a run resumed inside this phase keeps its iterations
+            self._iterations, self._phase = [], ctx.phase
+
+    def state_dict(self) -> dict:
+        return {"phase": self._phase, "iterations": self._iterations}
+
+    def load_state_dict(self, ctx: Context, state: dict) -> None:
+        self._phase, self._iterations = state.get("phase"), list(state.get("iterations", []))
 
     def after_task(self, ctx: Context, tasks) -> None:
         if self.pool is not None:

@@ -57,6 +57,7 @@ class Lora(Strategy):
     options_key = "lora"
     Options = LoraOptions
     owns_parameters = True
+    mid_phase = "none"
 
     def setup(self, ctx: Context):
         return wrap_with_lora(ctx.model, self.options)

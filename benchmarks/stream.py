@@ -232,8 +232,11 @@ def budget_table(results: dict, plot: Path) -> list[str]:
     ax.set_ylabel("AA")
     ax.legend()
     _save(fig, plot)
-    return ["| policy | " + " | ".join(str(b) for b in BUDGETS) + " |", "|" + "---|" * (len(BUDGETS) + 1),
-            *[f"| {p} | " + " | ".join(fmt(aa[p].get(b)) for b in BUDGETS) + " |" for p in POLICIES]]
+    bwt = lambda p, b: (results.get(f"budget-{p}-{b}") or {"metrics": {}})["metrics"].get("BWT")  # noqa: E731
+    return ["AA (BWT) of each policy at each buffer size:", "",
+            "| policy | " + " | ".join(str(b) for b in BUDGETS) + " |", "|" + "---|" * (len(BUDGETS) + 1),
+            *[f"| {p} | " + " | ".join(f"{fmt(aa[p].get(b))} ({fmt(bwt(p, b), signed=True)})" for b in BUDGETS) + " |"
+              for p in POLICIES]]
 
 
 def summarize_suite(suite: str, folder: str, results: dict, runs: list) -> None:

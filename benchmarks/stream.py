@@ -228,6 +228,7 @@ def budget_table(results: dict, plot: Path) -> list[str]:
         if points:
             ax.plot(list(points), list(points.values()), marker="o", label=policy)
     ax.set_xscale("log", base=2)
+    ax.set_xticks(BUDGETS, [str(b) for b in BUDGETS])
     ax.set_xlabel("buffer size (examples)")
     ax.set_ylabel("AA")
     ax.legend()

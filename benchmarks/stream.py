@@ -233,11 +233,14 @@ def budget_table(results: dict, plot: Path) -> list[str]:
     ax.set_ylabel("AA")
     ax.legend()
     _save(fig, plot)
-    bwt = lambda p, b: (results.get(f"budget-{p}-{b}") or {"metrics": {}})["metrics"].get("BWT")  # noqa: E731
+
+    def cell(policy: str, size: int) -> str:
+        m = results[f"budget-{policy}-{size}"]["metrics"] if f"budget-{policy}-{size}" in results else {}
+        return f"{fmt(m.get('AA'))} ({fmt(m.get('BWT'), signed=True)})"
+
     return ["AA (BWT) of each policy at each buffer size:", "",
             "| policy | " + " | ".join(str(b) for b in BUDGETS) + " |", "|" + "---|" * (len(BUDGETS) + 1),
-            *[f"| {p} | " + " | ".join(f"{fmt(aa[p].get(b))} ({fmt(bwt(p, b), signed=True)})" for b in BUDGETS) + " |"
-              for p in POLICIES]]
+            *[f"| {p} | " + " | ".join(cell(p, b) for b in BUDGETS) + " |" for p in POLICIES]]
 
 
 def summarize_suite(suite: str, folder: str, results: dict, runs: list) -> None:

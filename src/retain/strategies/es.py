@@ -71,7 +71,6 @@ class ES(Strategy):
     def __init__(self, options: ESOptions | None = None) -> None:
         super().__init__(options)
         self.anchor: dict[str, torch.Tensor] | None = None
-        self._stats: dict = {}
         self._iterations: list[dict] = []
         self._phase: int | None = None  # the phase _iterations belong to
         self.pool: WorkerPool | None = None

@@ -3,7 +3,8 @@
 ``retain study STUDY.yaml`` runs every arm not finished yet (a killed arm resumes), then
 writes ``<output_dir>/<name>/study.md`` with the figures that compare how each arm moved
 the weights and what it cost: target score and probe against step, probe against ||dW||,
-and the density and rank of each arm's final update. Arms need ``analysis.enabled``.
+the density and rank of each arm's final update, and each arm's ||dW|| at matched target
+score. Arms need ``analysis.enabled``.
 """
 
 from __future__ import annotations
@@ -137,6 +138,41 @@ def study_rows(results: list[dict[str, Any]]) -> tuple[list[str], list[list[str]
     return header, rows
 
 
+def _record_score(u: dict[str, Any]) -> float | None:
+    scores = list((u.get("scores") or {}).values())
+    return sum(scores) / len(scores) if scores else None
+
+
+def matched_rows(results: list[dict[str, Any]], step: float = 10.0) -> tuple[list[str], list[list[str]]]:
+    """Each arm's update when it first reached each score level, from its analysis records.
+
+    Final figures compare arms that learned different amounts; a method's forgetting is
+    only comparable at the same target score, so levels go up in ``step`` points from above
+    the lowest base score to the highest score any record reached."""
+    import math
+
+    from retain.reporting.report import fmt
+
+    records = {r["name"]: [(s, u) for u in r.get("updates") or [] if (s := _record_score(u)) is not None]
+               for r in results}
+    reached = [s for recs in records.values() for s, _ in recs]
+    if not reached or not results:
+        return [], []
+    base = min(sum(r["base"]) / len(r["base"]) for r in results)
+    levels = [step * k for k in range(math.floor(base / step) + 1, math.floor(max(reached) / step) + 1)]
+    header = ["score reached", *(r["name"] for r in results)]
+    rows = []
+    for level in levels:
+        cells = [f">= {level:g}"]
+        for r in results:
+            hit = next(((s, u) for s, u in records[r["name"]] if s >= level), None)
+            cells.append("not reached" if hit is None else
+                         f"{hit[1]['norm']['rel']:.2g} at step {hit[1]['global_step']} "
+                         f"(score {hit[0]:.0f}, probe {fmt(hit[1].get('probe'))})")
+        rows.append(cells)
+    return header, rows
+
+
 def write_study(folder: Path, name: str, results: list[dict[str, Any]]) -> Path:
     from retain.reporting import plots
     from retain.reporting.report import _table
@@ -150,6 +186,10 @@ def write_study(folder: Path, name: str, results: list[dict[str, Any]]) -> Path:
         "weights changed by more than tau, in float32 and after casting to bf16. rank90: singular "
         "values holding 90% of a matrix's update energy (median over matrices).", "",
         *_table(header, rows), "",
+        *(["## At matched target score", "",
+            "||dW||/||W0|| of each arm's update at the first analysis record that reached the score "
+            "(its step, the score it had there and the probe then).", "",
+            *_table(*matched), ""] if (matched := matched_rows(results))[1] else []),
         "![study](study.png)", "",
         "Arms: " + ", ".join(f"[{r['name']}]({r['name']}/report.md)" for r in results), "",
     ])

@@ -65,7 +65,7 @@ class GRPO(Strategy):
     def train_phase(self, ctx: Context, tasks, steps: int, on_step: Callable[[float, int], None]) -> bool:
         from datasets import Dataset
         from peft import PeftModel
-        from transformers import TrainerCallback
+        from transformers import PrinterCallback, TrainerCallback
         from trl import GRPOConfig, GRPOTrainer
 
         o, cfg = self.options, ctx.config
@@ -108,6 +108,8 @@ class GRPO(Strategy):
             trainer = GRPOTrainer(model=model, reward_funcs=self.reward_fn(), args=args,
                                   train_dataset=Dataset.from_list(rows), processing_class=ctx.tokenizer,
                                   callbacks=[Relay()])
+            # disable_tqdm makes the Trainer print every log dict instead; the loop's bar shows progress.
+            trainer.remove_callback(PrinterCallback)
             try:
                 trainer.train()
             finally:

@@ -138,11 +138,6 @@ def study_rows(results: list[dict[str, Any]]) -> tuple[list[str], list[list[str]
     return header, rows
 
 
-def _record_score(u: dict[str, Any]) -> float | None:
-    scores = list((u.get("scores") or {}).values())
-    return sum(scores) / len(scores) if scores else None
-
-
 def matched_rows(results: list[dict[str, Any]], step: float = 10.0) -> tuple[list[str], list[list[str]]]:
     """Each arm's update when it first reached each score level, from its analysis records.
 
@@ -152,11 +147,11 @@ def matched_rows(results: list[dict[str, Any]], step: float = 10.0) -> tuple[lis
     import math
 
     from retain.reporting.report import fmt
+    from retain.reporting.results import scored_records
 
-    records = {r["name"]: [(s, u) for u in r.get("updates") or [] if (s := _record_score(u)) is not None]
-               for r in results}
+    records = {r["name"]: scored_records(r) for r in results}
     reached = [s for recs in records.values() for s, _ in recs]
-    if not reached or not results:
+    if not reached:
         return [], []
     base = min(sum(r["base"]) / len(r["base"]) for r in results)
     levels = [step * k for k in range(math.floor(base / step) + 1, math.floor(max(reached) / step) + 1)]
@@ -179,6 +174,7 @@ def write_study(folder: Path, name: str, results: list[dict[str, Any]]) -> Path:
 
     plots.study(results, folder / "study.png")
     header, rows = study_rows(results)
+    matched = matched_rows(results)
     md = "\n".join([
         f"# Study {name}", "",
         "Target: mean score over the stream's tasks. Probe: the general-ability questions. "
@@ -189,7 +185,7 @@ def write_study(folder: Path, name: str, results: list[dict[str, Any]]) -> Path:
         *(["## At matched target score", "",
             "||dW||/||W0|| of each arm's update at the first analysis record that reached the score "
             "(its step, the score it had there and the probe then).", "",
-            *_table(*matched), ""] if (matched := matched_rows(results))[1] else []),
+            *_table(*matched), ""] if matched[1] else []),
         "![study](study.png)", "",
         "Arms: " + ", ".join(f"[{r['name']}]({r['name']}/report.md)" for r in results), "",
     ])

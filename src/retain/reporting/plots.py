@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from retain.io import atomic_write  # noqa: E402
+from retain.reporting.results import scored_records  # noqa: E402
 
 
 def _save(fig, path: Path) -> Path:
@@ -81,9 +82,9 @@ def study(runs: list[dict[str, Any]], path: Path) -> Path:
     """Per arm: target score and probe against step, and probe against ||dW||."""
     fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4))
     for r in runs:
-        recs = [u for u in r.get("updates", []) if u.get("scores")]
-        steps = [0] + [u["global_step"] for u in recs]
-        target = [sum(r["base"]) / len(r["base"])] + [sum(u["scores"].values()) / len(u["scores"]) for u in recs]
+        recs = scored_records(r)
+        steps = [0] + [u["global_step"] for _, u in recs]
+        target = [sum(r["base"]) / len(r["base"])] + [score for score, _ in recs]
         a.plot(steps, target, marker="o", label=r["name"])
         probed = [u for u in r.get("updates", []) if u.get("probe") is not None]
         base_probe = (r.get("probe") or {}).get("base")

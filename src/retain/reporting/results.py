@@ -21,6 +21,11 @@ def _r(x: float | None, nd: int = 4) -> float | None:
     return None if x is None else round(float(x), nd)
 
 
+def scored_records(results: dict[str, Any]) -> list[tuple[float, dict[str, Any]]]:
+    """The run's update-analysis records that scored the tasks, each with its mean task score."""
+    return [(sum(u["scores"].values()) / len(u["scores"]), u) for u in results.get("updates") or [] if u.get("scores")]
+
+
 def build_results(config, stream, state: dict[str, Any]) -> dict[str, Any]:
     R = [[_r(v) for v in row] for row in state["R"]]
     base = [_r(v) for v in state["base"]]

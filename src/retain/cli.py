@@ -120,14 +120,16 @@ def compare(
 @app.command()
 def study(
     config: Path = typer.Argument(..., help="YAML study: a name and a list of arms (run configs)."),
-    overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides for every arm, "
-                                                    "e.g. train.max_steps=50 for a shorter study"),
+    overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides for every arm (after the "
+                                                    "study's and the arm's set), e.g. train.max_steps=50"),
+    name: Optional[str] = typer.Option(None, "--name", help="Study name, i.e. the folder under output_dir "
+                                       "(default: the file's); give a variant with overrides its own"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or per-task lines."),
 ) -> None:
     """Run every unfinished arm of a study (a killed one resumes), then write study.md side by side."""
     from retain.study import run_study
 
-    path = run_study(config, quiet=quiet, overrides=overrides or [])
+    path = run_study(config, quiet=quiet, overrides=overrides or [], name=name)
     out.print(path.read_text(encoding="utf-8").split("![study]")[0], markup=False, highlight=False)
     out.print(f"study report: {path}  (also study.png)")
 

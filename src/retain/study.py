@@ -31,6 +31,8 @@ class Study(BaseModel):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.+-]+$")
     output_dir: str = "runs"
     arms: list[Arm] = Field(min_length=1)
+    set: list[str] = Field(default_factory=list, description="key=value overrides of every arm's config "
+                           "(an arm's own set wins), e.g. a study-wide train.max_steps")
 
     @field_validator("arms", mode="before")
     @classmethod
@@ -38,15 +40,23 @@ class Study(BaseModel):
         return [{"config": a} if isinstance(a, str) else a for a in v] if isinstance(v, list) else v
 
 
-def load_study(path: str | Path, overrides: list[str] | None = None) -> tuple[Study, list]:
+def load_study(path: str | Path, overrides: list[str] | None = None,
+               name: str | None = None) -> tuple[Study, list]:
     """The study and each arm's validated run config (written under the study's folder).
 
-    ``overrides`` (key=value) apply to every arm, after the arm's own ``set``."""
+    ``overrides`` (key=value) apply to every arm, after the study's and the arm's own
+    ``set``; ``name`` replaces the study's, so a variant (fewer steps) gets its own folder
+    instead of colliding with the finished arms of the original."""
     path = Path(path)
     try:
         study = Study.model_validate(read_yaml(path))
     except ValidationError as exc:
         raise RetainError(f"{path}: {_format_errors(exc, model=Study)}") from None
+    if name is not None:
+        try:
+            study = Study.model_validate({**study.model_dump(), "name": name})
+        except ValidationError:
+            raise RetainError(f"study name {name!r}: use letters, digits and _ . + - only") from None
     folder = Path(study.output_dir) / study.name
     configs, names = [], set()
     for i, arm in enumerate(study.arms):
@@ -54,7 +64,10 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> tuple[St
         if not source.is_file() and Path(arm.config).is_file():
             source = Path(arm.config)  # relative to the working directory
         extra = [f"output_dir={folder}"] + ([f"name={arm.name}"] if arm.name else [])
-        cfg = load_config(source, arm.set + list(overrides or []) + extra)
+        try:
+            cfg = load_config(source, study.set + arm.set + list(overrides or []) + extra)
+        except RetainError as exc:  # the bad key may come from the study's set, not the arm's file
+            raise RetainError(f"{path}: arms[{i}]: {exc}") from None
         if cfg.name in names:
             raise RetainError(f"{path}: arms[{i}]: two arms are named '{cfg.name}'; give one a 'name'")
         if not cfg.analysis.enabled:
@@ -64,12 +77,13 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> tuple[St
     return study, configs
 
 
-def run_study(path: str | Path, quiet: bool = False, overrides: list[str] | None = None) -> Path:
+def run_study(path: str | Path, quiet: bool = False, overrides: list[str] | None = None,
+              name: str | None = None) -> Path:
     """Run each unfinished arm (resuming a killed one), then write the study report."""
     from retain.loop import execute, run_dir_for
     from retain.reporting import load_results
 
-    study, configs = load_study(path, overrides)
+    study, configs = load_study(path, overrides, name)
     for cfg in configs:  # before any arm runs: a mismatch found late would leave the study half-done
         check_arm_folder(run_dir_for(cfg), cfg)
     results = []
@@ -110,7 +124,7 @@ def check_arm_folder(run_dir: Path, cfg) -> None:
         raise RetainError(
             f"{run_dir} holds arm '{cfg.name}' run with {key}={saved[key]!r}, but the study now asks "
             f"{key}={wanted[key]!r}{more}; delete or move that folder to run the arm again, or give "
-            "the study another name or output_dir")
+            "the study another name (retain study --name) or output_dir")
 
 
 def final_update(r: dict[str, Any]) -> dict[str, Any]:

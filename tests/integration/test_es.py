@@ -192,6 +192,20 @@ def test_study_refuses_arms_without_the_analysis_or_with_one_name(tiny_config, t
     study.write_text(yaml.safe_dump({"name": "s", "arms": [{"config": "a.yaml", "set": ["train.max_steps=3"]}]}))
     _, (cfg,) = load_study(study, ["train.max_steps=7", "seed=5"])  # every arm, after its own set
     assert (cfg.train.max_steps, cfg.seed) == (7, 5)
+    # The study's own set reaches every arm; an arm's set and the command line win over it.
+    study.write_text(yaml.safe_dump({"name": "s", "set": ["train.max_steps=4", "seed=2", "train.lr=0.5"], "arms": [
+        {"config": "a.yaml", "set": ["train.max_steps=3"]}, {"config": "a.yaml", "name": "b"}]}))
+    _, (a, b) = load_study(study, ["train.lr=0.25"])
+    assert (a.train.max_steps, a.seed, a.train.lr) == (3, 2, 0.25)
+    assert (b.train.max_steps, b.seed, b.train.lr) == (4, 2, 0.25)
+    # Another name: the arms go to another folder.
+    renamed, (a, _) = load_study(study, name="s-short")
+    assert renamed.name == "s-short" and Path(a.output_dir).name == "s-short"
+    with pytest.raises(RetainError, match="study name 'a/b'"):
+        load_study(study, name="a/b")
+    study.write_text(yaml.safe_dump({"name": "s", "set": ["train.nonsense=1"], "arms": ["a.yaml"]}))
+    with pytest.raises(RetainError, match=r"study.yaml: arms\[0\]: .*a.yaml: 'train.nonsense': unknown key"):
+        load_study(study)
 
 
 def test_grpo_stops_with_a_clear_error_on_a_nan_gradient(tiny_config, monkeypatch):

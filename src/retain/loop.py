@@ -114,11 +114,9 @@ class Run:
         start = time.perf_counter() - progress["seconds"]
         label = "+".join(t.name for t in tasks)
         done = sum(t["steps"] for t in self.state["timings"])
-        with self.ui.bar(steps, f"train {label}") as advance:
-            if skip:
-                self.ui.info(f"  resuming phase {phase + 1} at step {skip + 1} of {steps}")
-                advance(skip, "resumed")
-
+        if skip:
+            self.ui.info(f"  resuming phase {phase + 1} at step {skip + 1} of {steps}")
+        with self.ui.bar(steps, f"train {label}", completed=skip) as advance:
             def on_step(loss: float, n_tokens: int) -> None:
                 nonlocal tokens
                 tokens += n_tokens

@@ -105,6 +105,23 @@ def test_ray_actors_give_the_serial_result(tiny_config, tmp_path):
         ray.shutdown()
 
 
+def test_ray_actors_on_two_nodes_give_the_serial_result(tiny_config, tmp_path):
+    """The cluster path (es.ray_address): two Ray nodes of one CPU each, so the two actors
+    cannot share a node and the weights and seeds cross between nodes' object stores."""
+    ray = pytest.importorskip("ray", reason="Ray is optional (pip install 'retain[ray]')")
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        cluster.add_node(num_cpus=1)
+        _parallel_equals_serial(tiny_config, tmp_path, backend="ray", ray_address=cluster.address)
+        nodes = [n for n in ray.nodes() if n["Alive"]]
+        assert len(nodes) == 2 and all(n["Resources"].get("CPU") == 1 for n in nodes)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
 def test_ray_backend_without_ray_says_how_to_get_it(monkeypatch):
     import builtins
 

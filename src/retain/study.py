@@ -131,12 +131,25 @@ def final_update(r: dict[str, Any]) -> dict[str, Any]:
     return r["updates"][-1] if r.get("updates") else {}
 
 
+def seconds_per_update(r: dict[str, Any]) -> float | None:
+    """Training seconds per step, without the analysis measured inside the phases (about a
+    minute per record on CPU), so arms with more records do not look slower."""
+    steps = sum(t["steps"] for t in r.get("timings", []))
+    if not steps:
+        return None
+    phase_steps = [t["steps"] for t in r["timings"]]
+    inside = sum(u.get("seconds", 0.0) for u in r.get("updates", [])
+                 if u["phase"] < len(phase_steps) and u["step"] < phase_steps[u["phase"]])
+    return (sum(t["train_s"] for t in r["timings"]) - inside) / steps
+
+
 def study_rows(results: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     from retain.reporting.report import fmt
 
     taus = list(final_update(results[0]).get("density", {}).get("fp32", {})) if results else []
     header = ["arm", "strategy", "target base", "target final", "probe base", "probe final", "||dW||", "rel.",
-              *[f"dense % {p} >{t}" for p in ("fp32", "bf16") for t in taus], "median rank90", "KL to base"]
+              *[f"dense % {p} >{t}" for p in ("fp32", "bf16") for t in taus], "median rank90", "KL to base",
+              "s per update"]
     rows = []
     for r in results:
         u = final_update(r)
@@ -148,7 +161,8 @@ def study_rows(results: list[dict[str, Any]]) -> tuple[list[str], list[list[str]
                      fmt((probe.get("after_phase") or [None])[-1]),
                      f"{u['norm']['abs']:.4g}" if u else "n/a", f"{u['norm']['rel']:.3g}" if u else "n/a",
                      *[f"{100 * u['density'][p][t]:.2f}" if u else "n/a" for p in ("fp32", "bf16") for t in taus],
-                     str(ranks[len(ranks) // 2]) if ranks else "n/a", fmt(u.get("kl_base"), 4)])
+                     str(ranks[len(ranks) // 2]) if ranks else "n/a", fmt(u.get("kl_base"), 4),
+                     fmt(seconds_per_update(r), 1)])
     return header, rows
 
 
@@ -194,7 +208,8 @@ def write_study(folder: Path, name: str, results: list[dict[str, Any]]) -> Path:
         "Target: mean score over the stream's tasks. Probe: the general-ability questions. "
         "||dW||: Frobenius norm of the final update; rel.: divided by ||W0||. Density: percent of "
         "weights changed by more than tau, in float32 and after casting to bf16. rank90: singular "
-        "values holding 90% of a matrix's update energy (median over matrices).", "",
+        "values holding 90% of a matrix's update energy (median over matrices). s per update: "
+        "training seconds per step, without the update analysis.", "",
         *_table(header, rows), "",
         *(["## At matched target score", "",
             "||dW||/||W0|| of each arm's update at the first analysis record that reached the score "

@@ -1,6 +1,6 @@
-"""The study's matched-score table: each arm's update where it first reached a score."""
+"""The study's tables: each arm's update where it first reached a score, and its cost."""
 
-from retain.study import matched_rows
+from retain.study import matched_rows, seconds_per_update
 
 
 def _arm(name: str, base: float, records: list[tuple[int, float, float, float]]) -> dict:
@@ -27,3 +27,13 @@ def test_scores_average_over_tasks_and_no_records_give_no_table():
         {"global_step": 5, "scores": {"a": 20.0, "b": 40.0}, "norm": {"rel": 2e-3}, "probe": None}]}
     assert matched_rows([two]) == (["score reached", "two"], [[">= 30", "0.002 at step 5 (score 30, probe n/a)"]])
     assert matched_rows([{"name": "x", "base": [20.0], "updates": []}]) == ([], [])
+
+
+def test_seconds_per_update_leave_out_the_analysis_inside_the_phases():
+    run = {"timings": [{"steps": 10, "train_s": 100.0}, {"steps": 10, "train_s": 60.0}], "updates": [
+        {"phase": 0, "step": 5, "seconds": 30.0},   # inside phase 0: part of its train_s
+        {"phase": 0, "step": 10, "seconds": 7.0},   # at the phase end: measured after train_s
+        {"phase": 1, "step": 5, "seconds": 10.0},
+        {"phase": 1, "step": 10, "seconds": 7.0}]}
+    assert seconds_per_update(run) == (100.0 - 30.0 + 60.0 - 10.0) / 20
+    assert seconds_per_update({"timings": []}) is None

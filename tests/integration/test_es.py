@@ -59,6 +59,26 @@ def test_lora_es_moves_only_adapter_weights(tiny_config, tmp_path):
             assert torch.equal(p.cpu(), base_state[key]), name
 
 
+def test_es_with_replay_rewards_members_on_the_earlier_task_too(tiny_config, monkeypatch):
+    from retain.strategies.es import ES as ESStrategy
+
+    seen: list[tuple[int, set[str]]] = []
+    real = ESStrategy.population_rewards
+
+    def recording(self, ctx, items, members, params):
+        seen.append((ctx.phase, {it.task for it in items}))
+        return real(self, ctx, items, members, params)
+
+    monkeypatch.setattr(ESStrategy, "population_rewards", recording)
+    cfg = load_config(tiny_config("es-replay", strategy="es+replay", es=ES, replay={"ratio": 0.5},
+                                  train__max_steps=3))
+    results = execute(cfg, quiet=True)
+    # Phase 0 sees only its own task; every phase-1 batch carries replayed 'upper' prompts.
+    assert [tasks for phase, tasks in seen if phase == 0] == [{"upper"}] * 3
+    assert [tasks for phase, tasks in seen if phase == 1] == [{"upper", "small"}] * 3
+    assert results["strategy_stats"][1]["replay"]["memory_examples"] > 0
+
+
 def test_es_refuses_perplexity_tasks(tmp_path):
     from retain.errors import RetainError
 

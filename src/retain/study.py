@@ -134,13 +134,12 @@ def final_update(r: dict[str, Any]) -> dict[str, Any]:
 def seconds_per_update(r: dict[str, Any]) -> float | None:
     """Training seconds per step, without the analysis measured inside the phases (about a
     minute per record on CPU), so arms with more records do not look slower."""
-    steps = sum(t["steps"] for t in r.get("timings", []))
-    if not steps:
+    phase_steps = [t["steps"] for t in r.get("timings", [])]
+    if not sum(phase_steps):
         return None
-    phase_steps = [t["steps"] for t in r["timings"]]
     inside = sum(u.get("seconds", 0.0) for u in r.get("updates", [])
                  if u["phase"] < len(phase_steps) and u["step"] < phase_steps[u["phase"]])
-    return (sum(t["train_s"] for t in r["timings"]) - inside) / steps
+    return (sum(t["train_s"] for t in r["timings"]) - inside) / sum(phase_steps)
 
 
 def study_rows(results: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:

@@ -21,7 +21,8 @@ import torch
 
 from common import machine, write
 from retain.evaluation.scoring import left_pad
-from retain.evolution import TABLE_SIZE, apply_update, perturbed_members, unique_parameters, zscore
+from retain.evolution import (CHUNK, SEGMENT, SEGMENT_ELSEWHERE, TABLE_SIZE, apply_update, perturbed_members,
+                              unique_parameters, zscore)
 from retain.models import load_model
 from retain.streams import builtin_stream
 
@@ -102,10 +103,20 @@ def main() -> None:
             apply_update(params, members, zscore(rewards), 5e-4)
             es_s = time.perf_counter() - start
             es_peak = peak_mb()
+            # ES's own work without generation (its cost free of generation's variance): the
+            # member passes, then an update with zero weights (same passes, weights unchanged).
+            start = time.perf_counter()
+            for _ in perturbed_members(params, members, 1e-3):
+                pass
+            sweeps_s = time.perf_counter() - start
+            start = time.perf_counter()
+            apply_update(params, members, [1e-30] * len(members), 0.0)
+            update_s = time.perf_counter() - start
             rows.append({"batch": batch, "round": r, "generate_n_s": round(plain_s, 2), "es_iteration_s": round(es_s, 2),
                          "time_ratio": round(es_s / plain_s, 3), "inference_peak_mb": round(infer_peak, 1),
                          "es_peak_mb": round(es_peak, 1), "memory_ratio": round(es_peak / infer_peak, 3),
                          "overhead_per_member_s": round((es_s - plain_s) / args.population, 3),
+                         "passes_per_member_s": round(sweeps_s / args.population, 3), "update_s": round(update_s, 3),
                          "restore_fixes": fixes, "restore_fixes_fraction": round(fixes / n_weights, 6)})
             print(rows[-1], flush=True)
 
@@ -125,12 +136,16 @@ def main() -> None:
         f"{args.max_new_tokens} new tokens per answer (greedy); "
         f"{machine()['device']}, {machine()['torch_threads']} threads, {machine()['date']}. "
         f"{'CUDA memory allocated' if device == 'cuda' else 'Resident memory'} after loading: {base_mb:.0f} MB. Noise: windows of a shared {TABLE_SIZE / 2**20:.0f}M-entry "
-        "table; members visited in one pass each (restore and next perturbation per chunk).", "",
-        "| batch | round | N generations s | ES iteration s | time ratio | overhead per member s | inference peak MB "
-        "| ES peak MB | memory ratio | restore fixes |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"table; members visited in one pass each (restore and next perturbation per segment of at most "
+        f"{SEGMENT.get(device, SEGMENT_ELSEWHERE) // CHUNK} chunk(s) of {CHUNK // 2**20}M entries; a GPU syncs once "
+        "per segment). "
+        "Member passes: the same passes with no generation between them; update: its pass with zero weights.", "",
+        "| batch | round | N generations s | ES iteration s | time ratio | overhead per member s | member passes s "
+        "per member | update s | inference peak MB | ES peak MB | memory ratio | restore fixes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
         *[f"| {x['batch']} | {x['round']} | {x['generate_n_s']} | {x['es_iteration_s']} | {x['time_ratio']} | "
-          f"{x['overhead_per_member_s']} | {x['inference_peak_mb']} | {x['es_peak_mb']} | {x['memory_ratio']} | "
+          f"{x['overhead_per_member_s']} | {x['passes_per_member_s']} | {x['update_s']} | "
+          f"{x['inference_peak_mb']} | {x['es_peak_mb']} | {x['memory_ratio']} | "
           f"{x['restore_fixes']} ({100 * x['restore_fixes_fraction']:.3f}%) |" for x in rows], "",
         *verdicts, "",
     ]

@@ -14,11 +14,13 @@ noise and regenerating it costs a slice instead of a fresh draw: drawing SmolLM2
 134.5M Gaussians takes about a second on two CPU cores, and an iteration needs them
 three times per member. Tied weights (one storage under two names) are perturbed once.
 
-Exact restore: ``w + x - x`` is not always ``w`` in floating point. While perturbing, each
-chunk's restore is computed once and the few entries that would not come back exactly
-are kept (index and original value); restoring applies ``- x`` and puts those back. For
-float32 weights and sigma = 1e-3 this list is a small fraction of the weights; for bf16
-weights it is larger. Chunk work reuses a few chunk-sized buffers, so an iteration
+Exact restore: ``w + x - x`` is not always ``w`` in floating point. While perturbing, the
+restore is computed once and the few entries that would not come back exactly are kept
+(index and original value); restoring applies ``- x`` and puts those back. They are the
+entries that ``+ x`` moved into a larger binade, so their share grows as sigma grows
+against the weights' size: ~1% of SmolLM2's trained weights at sigma = 1e-3, ~4.6% of
+random weights drawn with std 0.02. The work runs segment by segment (one chunk on the
+CPU, several on a GPU) through a few reused segment-sized buffers, so an iteration
 allocates almost nothing and the process's peak memory stays that of inference.
 """
 
@@ -88,7 +90,7 @@ def full_noise(seed: int, tensor: int, p: torch.Tensor) -> torch.Tensor:
 
 
 class _Buffers:
-    """Chunk-sized scratch tensors reused across chunks, keyed by role and dtype.
+    """Segment-sized scratch tensors reused across segments, keyed by role and dtype.
 
     Fresh 4 MB temporaries per chunk made glibc keep freed blocks around (the process
     peak grew ~1.5x on the first iteration); reusing them keeps the peak at inference's.
@@ -99,8 +101,8 @@ class _Buffers:
 
     def get(self, role: str, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         key = (role, dtype, device)
-        if key not in self._bufs:
-            self._bufs[key] = torch.empty(CHUNK, dtype=dtype, device=device)
+        if key not in self._bufs or self._bufs[key].numel() < n:
+            self._bufs[key] = torch.empty(max(n, CHUNK), dtype=dtype, device=device)
         return self._bufs[key][:n]
 
 
@@ -123,44 +125,100 @@ def _flat(p: torch.Tensor) -> torch.Tensor:
     return p.data.view(-1)
 
 
+# Entries checked together for an exact restore. Finding the entries to fix costs one
+# device sync per segment: on a GPU, where a chunk's kernels take microseconds, a sync
+# per 1M-entry chunk left it idle (the H200 check measured ~0.25-0.3 ms per chunk), so there a
+# segment holds several chunks, of one tensor or of consecutive small ones. On the CPU a
+# segment stays one chunk's size, so its buffers stay in cache between the passes.
+SEGMENT = {"cpu": CHUNK}
+SEGMENT_ELSEWHERE = 4 * CHUNK
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """One chunk of one tensor inside a segment: ``view`` is the weights, ``at`` its offset."""
+
+    index: int
+    chunk: int
+    view: torch.Tensor
+    at: int
+
+    @property
+    def span(self) -> slice:
+        return slice(self.at, self.at + self.view.numel())
+
+
+def _segments(params: list[tuple[str, torch.nn.Parameter]], capacity: int | None) -> list[list[_Piece]]:
+    """Consecutive chunks of one dtype and device, grouped up to ``capacity`` entries each
+    (``None``: the device's default). The grouping changes no weight, only the syncs."""
+    segments: list[list[_Piece]] = []
+    current: list[_Piece] = []
+    used = 0
+    for index, (_, p) in enumerate(params):
+        flat = _flat(p)
+        cap = capacity or SEGMENT.get(p.device.type, SEGMENT_ELSEWHERE)
+        for c, sl in chunks(p):
+            n = sl.stop - sl.start
+            if current and (used + n > cap or current[0].view.dtype != p.dtype
+                            or current[0].view.device != p.device):
+                segments.append(current)
+                current, used = [], 0
+            current.append(_Piece(index, c, flat[sl], used))
+            used += n
+    if current:
+        segments.append(current)
+    return segments
+
+
 @dataclass
 class Perturbation:
     """``with Perturbation(params, seed, scale):`` weights are w + scale * noise inside, w after.
 
-    ``move(seed, scale)`` goes straight to another member: each chunk is restored and
+    ``move(seed, scale)`` goes straight to another member: each segment is restored and
     perturbed again while it is in cache, one pass over the weights instead of two.
+    ``segment`` overrides the entries checked per device sync (tests; see ``SEGMENT``).
     """
 
     params: list[tuple[str, torch.nn.Parameter]]
     seed: int
     scale: float
-    fixes: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    segment: int | None = None
+    fixes: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     buffers: _Buffers = field(default_factory=_Buffers, repr=False)
     active: bool = False
 
     @torch.no_grad()
     def _sweep(self, restore: bool, apply: tuple[int, float] | None) -> None:
         get = self.buffers.get
-        for index, (_, p) in enumerate(self.params):
-            flat = _flat(p)
-            for c, sl in chunks(p):
-                view, n = flat[sl], sl.stop - sl.start
-                if restore:
-                    view.sub_(noise(self.seed, index, c, n, p.device), alpha=self.scale)  # as checked below
-                    fix = self.fixes.pop((index, c), None)
-                    if fix is not None:
-                        view[fix[0]] = fix[1]
-                if apply is None:
-                    continue
-                x, scale = noise(apply[0], index, c, n, p.device), apply[1]
-                original = get("original", n, p.dtype, p.device).copy_(view)
-                view.add_(x, alpha=scale)
+        for s, pieces in enumerate(_segments(self.params, self.segment)):
+            n = pieces[-1].span.stop
+            dtype, device = pieces[0].view.dtype, pieces[0].view.device
+            # The segment's true weights w, gathered: restored from the current member or copied.
+            original = get("original", n, dtype, device)
+            for pc in pieces:
+                if restore:  # the same operation as the check below, so it gives back exactly `back`
+                    torch.sub(pc.view, noise(self.seed, pc.index, pc.chunk, pc.view.numel(), device),
+                              alpha=self.scale, out=original[pc.span])
+                else:
+                    original[pc.span].copy_(pc.view)
+            fix = self.fixes.pop(s, None)
+            if restore and fix is not None:
+                original[fix[0]] = fix[1]
+            if apply is None:
+                for pc in pieces:
+                    pc.view.copy_(original[pc.span])
+                continue
+            seed, scale = apply
+            back = get("back", n, dtype, device)
+            for pc in pieces:
+                x = noise(seed, pc.index, pc.chunk, pc.view.numel(), device)
+                torch.add(original[pc.span], x, alpha=scale, out=pc.view)
                 # The restore above, computed once now: the entries whose bits would not come back.
-                back = torch.sub(view, x, alpha=scale, out=get("back", n, p.dtype, p.device))
-                wrong = _where(torch.ne(_bits(back), _bits(original), out=get("wrong", n, torch.bool, p.device)))
-                if wrong.numel():
-                    # int32 positions (a chunk has at most 2^20 entries): the list costs 4 bytes per entry, not 8.
-                    self.fixes[(index, c)] = (wrong.to(torch.int32), original[wrong])
+                torch.sub(pc.view, x, alpha=scale, out=back[pc.span])
+            wrong = _where(torch.ne(_bits(back), _bits(original), out=get("wrong", n, torch.bool, device)))
+            if wrong.numel():
+                # int32 positions (a segment is far below 2^31 entries): 4 bytes per fixed entry, not 8.
+                self.fixes[s] = (wrong.to(torch.int32), original[wrong])
         if apply is not None:
             self.seed, self.scale = apply
 
@@ -185,13 +243,13 @@ class Perturbation:
 
 
 def perturbed_members(params: list[tuple[str, torch.nn.Parameter]], members: Sequence[tuple[int, int]],
-                      sigma: float) -> Iterator[Perturbation]:
+                      sigma: float, segment: int | None = None) -> Iterator[Perturbation]:
     """Each (seed, sign) member's perturbation in turn; the weights are exact again afterwards,
     also when the caller stops early or raises."""
     if not members:
         return
     (seed, sign), *rest = members
-    with Perturbation(params, seed, sign * sigma) as pert:
+    with Perturbation(params, seed, sign * sigma, segment) as pert:
         yield pert
         for seed, sign in rest:
             pert.move(seed, sign * sigma)
@@ -248,6 +306,7 @@ def apply_update(params: list[tuple[str, torch.nn.Parameter]], members: Sequence
             if anchor is not None and anchor_decay:
                 update.sub_(view.float() - anchor[name].view(-1)[sl].float(), alpha=anchor_decay)
             new = update.add_(view) if p.dtype == torch.float32 else (view.float() + update).to(p.dtype)
-            changed += int(torch.count_nonzero(torch.ne(_bits(new), _bits(view))))
+            # Summed on the device: an int() per chunk would be a device sync per chunk.
+            changed = changed + torch.count_nonzero(torch.ne(_bits(new), _bits(view)))
             view.copy_(new)
-    return changed
+    return int(changed)

@@ -47,6 +47,27 @@ def test_moving_member_to_member_holds_each_perturbation_and_restores_exactly(ti
     assert all(torch.equal(p, before[n]) for n, p in params)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_segment_size_changes_no_weight_only_the_grouping(dtype):
+    """A GPU checks several chunks (and small tensors) per device sync; the CPU one chunk.
+    Every grouping must give each member the same bits and restore exactly."""
+    model, _ = load_model("tiny-random", seed=0)
+    model.to(dtype)
+    big = torch.nn.Parameter((torch.randn(CHUNK + 77) * 0.02).to(dtype))  # two chunks
+    params = unique_parameters(list(model.named_parameters())) + [("big", big)]
+    before = snapshot(params)
+    members = [(3, 1), (3, -1), (99, 1)]
+    seen = {}
+    for segment in (1, 5000, None, 4 * CHUNK):  # a chunk or small tensor per segment ... all in one
+        for (seed, _), pert in zip(members, perturbed_members(params, members, 0.05, segment=segment)):
+            bits = [p.detach().clone() for _, p in params]
+            ref = seen.setdefault((seed, pert.scale), (bits, pert.fixed_entries))
+            assert pert.fixed_entries == ref[1] > 0
+            assert all(torch.equal(a, b) for a, b in zip(bits, ref[0])), (segment, seed)
+        for n, p in params:
+            assert torch.equal(p, before[n]), (segment, n)
+
+
 def test_noise_is_a_window_of_the_shared_table_and_the_same_on_every_call(tiny):
     from retain.evolution import TABLE_SIZE, noise, noise_table
 

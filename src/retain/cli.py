@@ -125,13 +125,16 @@ def study(
     name: Optional[str] = typer.Option(None, "--name", help="Study name, i.e. the folder under output_dir "
                                        "(default: the file's); give a variant with overrides its own"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or per-task lines."),
+    export: Optional[Path] = typer.Option(None, "--export", help="Also copy the report, its plot and each "
+                                          "arm's results.json (as ARM.json) into this folder, to commit or "
+                                          "share without checkpoints and weights."),
 ) -> None:
     """Run every unfinished arm of a study (a killed one resumes), then write study.md side by side."""
     from retain.study import run_study
 
-    path = run_study(config, quiet=quiet, overrides=overrides or [], name=name)
+    path = run_study(config, quiet=quiet, overrides=overrides or [], name=name, export=export)
     out.print(path.read_text(encoding="utf-8").split("![study]")[0], markup=False, highlight=False)
-    out.print(f"study report: {path}  (also study.png)")
+    out.print(f"study report: {path}  (also study.png)" + (f"; copy with each arm's results in {export}" if export else ""))
 
 
 @app.command("list")

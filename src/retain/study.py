@@ -4,13 +4,16 @@
 writes ``<output_dir>/<name>/study.md`` with the figures that compare how each arm moved
 the weights and what it cost: target score and probe against step, probe against ||dW||,
 the density and rank of each arm's final update, and each arm's ||dW|| at matched target
-score. Arms need ``analysis.enabled``.
+score. Arms need ``analysis.enabled``. ``export`` copies the report with each arm's
+results.json into another folder (a study's results to commit or share, without the
+arms' checkpoints and weights).
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -78,12 +81,16 @@ def load_study(path: str | Path, overrides: list[str] | None = None,
 
 
 def run_study(path: str | Path, quiet: bool = False, overrides: list[str] | None = None,
-              name: str | None = None) -> Path:
-    """Run each unfinished arm (resuming a killed one), then write the study report."""
+              name: str | None = None, export: Path | None = None) -> Path:
+    """Run each unfinished arm (resuming a killed one), then write the study report (and
+    its exported copy, when ``export`` names a folder)."""
     from retain.loop import execute, run_dir_for
     from retain.reporting import load_results
 
     study, configs = load_study(path, overrides, name)
+    folder = Path(study.output_dir) / study.name
+    if export is not None and Path(export).resolve() == folder.resolve():
+        raise RetainError(f"--export {export}: that is the study's own folder; name another")
     for cfg in configs:  # before any arm runs: a mismatch found late would leave the study half-done
         check_arm_folder(run_dir_for(cfg), cfg)
     results = []
@@ -94,7 +101,19 @@ def run_study(path: str | Path, quiet: bool = False, overrides: list[str] | None
             continue
         resume = (run_dir / "checkpoints" / "state.json").is_file()
         results.append(execute(cfg, run_dir=run_dir, resume=resume, quiet=quiet, overwrite=not resume))
-    return write_study(Path(study.output_dir) / study.name, study.name, results)
+    report = write_study(folder, study.name, results)
+    if export is not None:
+        export_study(Path(export), study.name, results, [run_dir_for(cfg) for cfg in configs])
+    return report
+
+
+def export_study(dest: Path, name: str, results: list[dict[str, Any]], run_dirs: list[Path]) -> Path:
+    """The report, its plot and each arm's results.json as ``<arm>.json`` in ``dest``; the
+    report's arm links point at those copies."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for r, run_dir in zip(results, run_dirs):
+        shutil.copyfile(run_dir / "results.json", dest / f"{r['name']}.json")
+    return write_study(dest, name, results, link=lambda arm: f"{arm}.json")
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -195,7 +214,8 @@ def matched_rows(results: list[dict[str, Any]], step: float = 10.0) -> tuple[lis
     return header, rows
 
 
-def write_study(folder: Path, name: str, results: list[dict[str, Any]]) -> Path:
+def write_study(folder: Path, name: str, results: list[dict[str, Any]],
+                link: Callable[[str], str] = lambda arm: f"{arm}/report.md") -> Path:
     from retain.reporting import plots
     from retain.reporting.report import _table
 
@@ -215,7 +235,7 @@ def write_study(folder: Path, name: str, results: list[dict[str, Any]]) -> Path:
             "(its step, the score it had there and the probe then).", "",
             *_table(*matched), ""] if matched[1] else []),
         "![study](study.png)", "",
-        "Arms: " + ", ".join(f"[{r['name']}]({r['name']}/report.md)" for r in results), "",
+        "Arms: " + ", ".join(f"[{r['name']}]({link(r['name'])})" for r in results), "",
     ])
     atomic_write_text(folder / "study.md", md)
     return folder / "study.md"

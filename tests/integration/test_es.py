@@ -182,6 +182,7 @@ def test_grpo_refuses_a_batch_that_does_not_hold_whole_groups(tiny_config, tmp_p
 def test_study_runs_each_arm_once_and_reports_them_side_by_side(tiny_config, tmp_path):
     import yaml
 
+    from retain.errors import RetainError
     from retain.study import run_study
 
     analysis = {"enabled": True, "every": 1, "tasks": True, "probe": True, "kl_prompts": 2}
@@ -197,10 +198,18 @@ def test_study_runs_each_arm_once_and_reports_them_side_by_side(tiny_config, tmp
         assert (tmp_path / "out" / "s" / arm / "results.json").is_file()
     assert (tmp_path / "out" / "s" / "study.png").is_file()
     stamp = (tmp_path / "out" / "s" / "es" / "results.json").stat().st_mtime_ns
-    run_study(study, quiet=True)  # finished arms are not run again
+    shared = tmp_path / "shared"
+    run_study(study, quiet=True, export=shared)  # finished arms are not run again
     assert (tmp_path / "out" / "s" / "es" / "results.json").stat().st_mtime_ns == stamp
+    # The export: report, plot and each arm's results, the report's links pointing at the copies.
+    assert sorted(f.name for f in shared.iterdir()) == ["es-sparse.json", "es.json", "sft.json", "study.md", "study.png"]
+    assert (shared / "es.json").read_bytes() == (tmp_path / "out" / "s" / "es" / "results.json").read_bytes()
+    exported = (shared / "study.md").read_text()
+    assert "[es-sparse](es-sparse.json)" in exported and "report.md" not in exported
+    assert exported.split("![study]")[0] == text.split("![study]")[0]
+    with pytest.raises(RetainError, match="the study's own folder"):
+        run_study(study, quiet=True, export=tmp_path / "out" / "s")
     # Other settings for the same arms: refused before anything runs, nothing replaced.
-    from retain.errors import RetainError
 
     with pytest.raises(RetainError, match=r"out/s/sft holds arm 'sft' run with train.max_steps=2, but the study "
                                           r"now asks train.max_steps=5.*delete or move that folder"):

@@ -54,6 +54,9 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                     help="weight dtype (bf16 weights restore through more fixed entries)")
     ap.add_argument("--name", default="es", help="results file stem under benchmarks/results/")
+    ap.add_argument("--segments", type=int, nargs="*", default=[],
+                    help="also time the member passes (no generation) at these segment sizes, in 1M-entry "
+                         "chunks per sync, e.g. 1 4 16: on a GPU, to choose the default")
     args = ap.parse_args()
 
     model, tok = load_model(args.model)
@@ -120,6 +123,22 @@ def main() -> None:
                          "restore_fixes": fixes, "restore_fixes_fraction": round(fixes / n_weights, 6)})
             print(rows[-1], flush=True)
 
+    def passes_s(segment: int) -> float:
+        """Seconds per member of the member passes alone, best of two."""
+        members = [(7000 + m, 1) for m in range(args.population)]
+        best = float("inf")
+        for _ in range(2):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in perturbed_members(params, members, 1e-3, segment=segment * CHUNK):
+                pass
+            if device == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - start)
+        return round(best / args.population, 4)
+
+    by_segment = [{"chunks": k, "passes_per_member_s": passes_s(k)} for k in args.segments]
     verdicts = []
     for batch in args.batches:
         mine = [x for x in rows if x["batch"] == batch]
@@ -148,9 +167,13 @@ def main() -> None:
           f"{x['inference_peak_mb']} | {x['es_peak_mb']} | {x['memory_ratio']} | "
           f"{x['restore_fixes']} ({100 * x['restore_fixes_fraction']:.3f}%) |" for x in rows], "",
         *verdicts, "",
+        *(["Member passes alone by segment size (best of two):", "",
+           "| chunks per segment | member passes s per member |", "|---|---|",
+           *[f"| {x['chunks']} | {x['passes_per_member_s']} |" for x in by_segment], ""] if by_segment else []),
     ]
     write(args.name, {"machine": machine(), "model": args.model, "dtype": args.dtype, "population": args.population, "batches": args.batches,
-                 "max_new_tokens": args.max_new_tokens, "weights": n_weights, "rounds": rows}, "\n".join(lines))
+                 "max_new_tokens": args.max_new_tokens, "weights": n_weights, "rounds": rows,
+                 "passes_by_segment": by_segment}, "\n".join(lines))
 
 
 if __name__ == "__main__":

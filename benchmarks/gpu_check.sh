@@ -49,14 +49,14 @@ print(json.dumps({'run': sys.argv[2], **{k: r.get(k) for k in keys}}, default=st
 step models 120 sh -c "python3 benchmarks/random_model.py smollm2-135m $M/smol --tokenizer $TOK && \
   python3 benchmarks/random_model.py qwen2.5-1.5b $M/qwen --tokenizer $TOK"
 
-step es-bench-smol 120 python3 benchmarks/es.py --model $M/smol --batches 8 32 --rounds 3 --name es-gpu-smollm2
+step es-bench-smol 120 python3 benchmarks/es.py --model $M/smol --batches 8 32 --rounds 3 --segments 1 4 16 --name es-gpu-smollm2
 run lora-bf16 lora train.max_steps=20 train.precision=bf16
 run lora-fp32 lora train.max_steps=20
 run es es-arithmetic train.max_steps=4 analysis.every=2
 run grpo-bf16 grpo-arithmetic train.max_steps=3 train.precision=bf16 analysis.every=2
 step pytest 200 python3 -m pytest -q -m "not embedded" -n 8 -p no:cacheprovider tests
 step es-bench-qwen 150 python3 benchmarks/es.py --model $M/qwen --batches 8 --rounds 2 --dtype bfloat16 \
-  --max-new-tokens 16 --name es-gpu-qwen15
+  --max-new-tokens 16 --segments 1 4 16 --name es-gpu-qwen15
 run qwen-lora-bf16 lora model=$M/qwen train.max_steps=10 train.precision=bf16 eval.probe_max=8
 run merge lora-per-task-merge train.max_steps=5
 run experts lora-experts train.max_steps=5

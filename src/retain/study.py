@@ -89,8 +89,11 @@ def run_study(path: str | Path, quiet: bool = False, overrides: list[str] | None
 
     study, configs = load_study(path, overrides, name)
     folder = Path(study.output_dir) / study.name
-    if export is not None and Path(export).resolve() == folder.resolve():
-        raise RetainError(f"--export {export}: that is the study's own folder; name another")
+    if export is not None:  # checked now: a study runs for hours before it exports
+        if Path(export).resolve() == folder.resolve():
+            raise RetainError(f"--export {export}: that is the study's own folder; name another")
+        if Path(export).exists() and not Path(export).is_dir():
+            raise RetainError(f"--export {export}: a file is there; name a folder (new or existing)")
     for cfg in configs:  # before any arm runs: a mismatch found late would leave the study half-done
         check_arm_folder(run_dir_for(cfg), cfg)
     results = []

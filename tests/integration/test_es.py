@@ -209,6 +209,9 @@ def test_study_runs_each_arm_once_and_reports_them_side_by_side(tiny_config, tmp
     assert exported.split("![study]")[0] == text.split("![study]")[0]
     with pytest.raises(RetainError, match="the study's own folder"):
         run_study(study, quiet=True, export=tmp_path / "out" / "s")
+    (tmp_path / "taken").write_text("x")
+    with pytest.raises(RetainError, match="taken: a file is there"):
+        run_study(study, quiet=True, export=tmp_path / "taken")
     # Other settings for the same arms: refused before anything runs, nothing replaced.
 
     with pytest.raises(RetainError, match=r"out/s/sft holds arm 'sft' run with train.max_steps=2, but the study "

@@ -72,6 +72,17 @@ def main() -> None:
     n_weights = sum(p.numel() for _, p in params)
     reset_peak()
     base_mb = peak_mb()
+    def passes_s(members: list[tuple[int, int]], segment: int | None = None) -> float:
+        """Seconds of the member passes alone (ES's own work, no generation between them)."""
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in perturbed_members(params, members, 1e-3, segment=segment):
+            pass
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
     rows = []
     for batch in args.batches:
         prompts = [task.prompt(tok, ex) for ex in task.train[:batch]]
@@ -108,10 +119,7 @@ def main() -> None:
             es_peak = peak_mb()
             # ES's own work without generation (its cost free of generation's variance): the
             # member passes, then an update with zero weights (same passes, weights unchanged).
-            start = time.perf_counter()
-            for _ in perturbed_members(params, members, 1e-3):
-                pass
-            sweeps_s = time.perf_counter() - start
+            sweeps_s = passes_s(members)
             start = time.perf_counter()
             apply_update(params, members, [1e-30] * len(members), 0.0)
             update_s = time.perf_counter() - start
@@ -123,22 +131,9 @@ def main() -> None:
                          "restore_fixes": fixes, "restore_fixes_fraction": round(fixes / n_weights, 6)})
             print(rows[-1], flush=True)
 
-    def passes_s(segment: int) -> float:
-        """Seconds per member of the member passes alone, best of two."""
-        members = [(7000 + m, 1) for m in range(args.population)]
-        best = float("inf")
-        for _ in range(2):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            for _ in perturbed_members(params, members, 1e-3, segment=segment * CHUNK):
-                pass
-            if device == "cuda":
-                torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - start)
-        return round(best / args.population, 4)
-
-    by_segment = [{"chunks": k, "passes_per_member_s": passes_s(k)} for k in args.segments]
+    members = [(7000 + m, 1) for m in range(args.population)]
+    by_segment = [{"chunks": k, "passes_per_member_s": round(min(
+        passes_s(members, k * CHUNK) for _ in range(2)) / args.population, 4)} for k in args.segments]
     verdicts = []
     for batch in args.batches:
         mine = [x for x in rows if x["batch"] == batch]

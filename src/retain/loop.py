@@ -57,6 +57,16 @@ class Run:
             "completed_phases": 0, "base": None, "base_probe": None, "R": [], "probe": [],
             "phases": [], "timings": [], "trained_keys": [], "strategy": {}, "updates": [],
         }
+        self.start_clock()
+
+    def start_clock(self) -> None:
+        """Wall time adds up across the processes of a killed and resumed run: each checkpoint
+        records the time so far, so a resumed run's ``wall_s`` is not only its last process's."""
+        self._wall_before = self.state.get("wall_s", 0.0)
+        self._started = time.perf_counter()
+
+    def wall_s(self) -> float:
+        return round(self._wall_before + time.perf_counter() - self._started, 3)
 
     # -- evaluation -----------------------------------------------------------------
     def evaluate(self, ctx: Context, stack: StrategyStack, label: str,
@@ -192,6 +202,7 @@ class Run:
 
     def checkpoint(self, ctx: Context, stack: StrategyStack) -> None:
         self.state["strategy"] = stack.state_dict()
+        self.state["wall_s"] = self.wall_s()
         checkpoint.save(self.run_dir, self.state, ctx.accelerator.unwrap_model(ctx.model), self.state["trained_keys"],
                         stack.state_tensors())
 
@@ -248,7 +259,7 @@ def execute(config: RunConfig, *, run_dir: Path | None = None, resume: bool = Fa
         stack.load_state_tensors(checkpoint.load_strategy_tensors(run_dir, ctx.accelerator.device))
         checkpoint.restore_tensors(run_dir, ctx.accelerator.unwrap_model(ctx.model), saved["trained_keys"])
         ui.info(f"resuming {run_dir} after {saved['completed_phases']} completed phase(s)")
-    started = time.perf_counter()
+    run.start_clock()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     if run.state["base"] is None:
@@ -282,7 +293,7 @@ def execute(config: RunConfig, *, run_dir: Path | None = None, resume: bool = Fa
         ui.info("  " + "  ".join(f"{n}={v:.1f}" for n, v in zip(ctx.stream.task_names, row))
                 + (f"  probe={probe:.1f}" if probe is not None else ""))
     run.finish(ctx, stack)
-    run.state["wall_s"] = round(run.state.get("wall_s", 0) + time.perf_counter() - started, 3)
+    run.state["wall_s"] = run.wall_s()
     stack.export(ctx, run_dir)
     return finalize(run_dir, config, ctx.stream, run.state)
 

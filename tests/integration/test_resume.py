@@ -65,6 +65,8 @@ def test_es_killed_inside_a_phase_resumes_at_its_last_checkpoint(tiny_config, tm
     run_dir = tmp_path / "runs" / "killed"
     state = json.loads((run_dir / "checkpoints" / "state.json").read_text())
     assert state["completed_phases"] == 1 and len(state["progress"]["losses"]) == 2  # the step-2 checkpoint
+    # The killed process's time up to its checkpoint stays in the run's wall time.
+    assert state["wall_s"] > state["progress"]["seconds"] + sum(t["train_s"] for t in state["timings"])
 
     calls.clear()
     resumed = execute(loop.load_run_config(run_dir), run_dir=run_dir, resume=True, quiet=True)
@@ -76,6 +78,7 @@ def test_es_killed_inside_a_phase_resumes_at_its_last_checkpoint(tiny_config, tm
     assert [drop_time(s) for s in resumed["strategy_stats"]] == [drop_time(s) for s in full["strategy_stats"]]
     assert [t["loss_last"] for t in resumed["timings"]] == [t["loss_last"] for t in full["timings"]]
     assert "progress" not in json.loads((run_dir / "checkpoints" / "state.json").read_text())
+    assert resumed["wall_s"] > max(state["wall_s"], resumed["train_s"])
 
 
 def test_only_stateless_step_strategies_checkpoint_inside_a_phase():

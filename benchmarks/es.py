@@ -72,6 +72,7 @@ def main() -> None:
     n_weights = sum(p.numel() for _, p in params)
     reset_peak()
     base_mb = peak_mb()
+
     def passes_s(members: list[tuple[int, int]], segment: int | None = None) -> float:
         """Seconds of the member passes alone (ES's own work, no generation between them)."""
         if device == "cuda":

@@ -21,7 +21,7 @@ import torch
 
 from common import machine, write
 from retain.evaluation.scoring import left_pad
-from retain.evolution import (CHUNK, SEGMENT, SEGMENT_ELSEWHERE, TABLE_SIZE, apply_update, perturbed_members,
+from retain.strategies.es.noise import (CHUNK, SEGMENT, SEGMENT_ELSEWHERE, TABLE_SIZE, apply_update, perturbed_members,
                               unique_parameters, zscore)
 from retain.models import load_model
 from retain.streams import builtin_stream

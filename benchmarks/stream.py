@@ -218,7 +218,7 @@ def architecture_table(results: dict) -> list[str]:
 
 def budget_table(results: dict, plot: Path) -> list[str]:
     """AA of each policy at each buffer size, as a table and a line plot."""
-    from retain.reporting.plots import _save, plt
+    from retain.reporting.plots import save_figure, plt
     from retain.reporting.report import fmt
 
     aa = {p: {b: results[f"budget-{p}-{b}"]["metrics"].get("AA") for b in BUDGETS if f"budget-{p}-{b}" in results}
@@ -232,7 +232,7 @@ def budget_table(results: dict, plot: Path) -> list[str]:
     ax.set_xlabel("buffer size (examples)")
     ax.set_ylabel("AA")
     ax.legend()
-    _save(fig, plot)
+    save_figure(fig, plot)
 
     def cell(policy: str, size: int) -> str:
         m = results[f"budget-{policy}-{size}"]["metrics"] if f"budget-{policy}-{size}" in results else {}

@@ -57,3 +57,42 @@ def tiny_config(tmp_path: Path):
         return path
 
     return make
+
+
+#: Small options for every strategy section, so a tiny-random run of any stack takes seconds.
+SMALL_OPTIONS = {
+    "replay": {"buffer_size": 6, "ratio": 0.5},
+    "distill-replay": {"buffer_size": 5, "ratio": 0.5, "top_k": 3},
+    "generative_replay": {"samples_per_task": 4, "max_new_tokens": 8},
+    "ewc": {"fisher_samples": 3},
+    "sparse": {"importance_samples": 4},
+    "es": {"population": 2, "max_new_tokens": 2, "sigma": 0.05, "alpha": 0.05},
+    "grpo": {"num_generations": 2, "max_completion_length": 2},
+    "merge": {"methods": ["linear"]},
+    "l2p": {"pool_size": 6, "top_n": 2},
+    "lora_experts": {"clusters_per_task": 2},
+}
+
+
+def small_options(spec: str) -> dict:
+    """The SMALL_OPTIONS sections the stack ``spec`` uses (other sections would be refused)."""
+    from retain.strategies.base import parse_strategy
+
+    keys = {c.options_key for c in parse_strategy(spec) if c.options_key}
+    return {k: v for k, v in SMALL_OPTIONS.items() if k in keys}
+
+
+def run_figures(results: dict) -> dict:
+    """What a resumed run must reproduce exactly: scores, metrics, losses, strategy figures
+    (timings aside)."""
+    def untimed(d):
+        if isinstance(d, dict):
+            return {k: untimed(v) for k, v in d.items() if "seconds" not in k and not k.endswith("_s")}
+        return [untimed(v) for v in d] if isinstance(d, list) else d
+
+    return {
+        "R": results["R"], "base": results["base"], "metrics": results["metrics"],
+        "probe": results["probe"], "final": results["final"], "routing": results["routing"],
+        "losses": [(t["loss_first"], t["loss_last"], t["tokens"]) for t in results["timings"]],
+        "stats": untimed(results["strategy_stats"]), "updates": untimed(results["updates"]),
+    }

@@ -24,7 +24,7 @@ out = Console()
 err = Console(stderr=True)
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import warnings
 
@@ -64,7 +64,7 @@ def _matrix_table(results: dict) -> Table:
 def run(
     config: Optional[Path] = typer.Argument(None, help="YAML run config (see configs/)."),
     overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides, e.g. train.max_steps=20"),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue a killed run from its last completed task (es: its last in-task checkpoint)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue a killed run from its last checkpoint (every train.checkpoint_every steps inside a task, and at each task end)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or per-task lines."),
 ) -> None:
@@ -138,14 +138,20 @@ def study(
 
 
 @app.command("list")
-def list_() -> None:
-    """Strategies, models and built-in streams."""
+def list_(
+    strategy: Optional[str] = typer.Argument(None, help="A strategy: print its options (default, allowed range, "
+                                             "meaning), its hooks and what it cannot be combined with."),
+) -> None:
+    """Strategies, models and built-in streams; `retain list STRATEGY` for one strategy's options."""
     from retain.models import describe_models
     from retain.streams import BUILTIN_STREAMS
     from retain.strategies import registry
 
+    if strategy is not None:
+        _describe_strategy(strategy)
+        return
     for title, rows in (
-        ("strategies (join with +, e.g. lora+replay)",
+        ("strategies (join with +, e.g. lora+replay; `retain list NAME` for options)",
          [(n, c.summary + (f" [options: {c.options_key}:]" if c.options_key else "")) for n, c in sorted(registry().items())]),
         ("models", describe_models()),
         ("built-in streams", [(n, d) for n, (_, d) in sorted(BUILTIN_STREAMS.items())]),
@@ -155,6 +161,53 @@ def list_() -> None:
         table.add_column()
         for row in rows:
             table.add_row(*row)
+        out.print(table)
+
+
+def _allowed(field) -> str:
+    """A field's allowed values: numeric bounds, or the choices of a Literal."""
+    import typing
+
+    from retain.config import field_bounds
+
+    bounds = field_bounds(field)
+    if bounds:
+        return bounds
+    ann = field.annotation
+    args = [ann] if typing.get_origin(ann) is typing.Literal else [
+        a for a in typing.get_args(ann) if a is not type(None)] or [ann]
+    choices = [c for a in args if typing.get_origin(a) is typing.Literal for c in typing.get_args(a)]
+    return " | ".join(map(str, choices))
+
+
+def _describe_strategy(name: str) -> None:
+    from retain.strategies import registry
+    from retain.strategies.base import refusal
+
+    known = registry()
+    if name not in known:
+        raise RetainError(f"unknown strategy '{name}'; valid: {', '.join(sorted(known))}")
+    cls = known[name]
+    out.print(f"[bold]{name}[/bold]: {cls.summary}", highlight=False)
+    out.print(f"hooks: {', '.join(sorted(cls.overridden()))}", highlight=False)
+    if cls.Options is None:
+        out.print("options: none")
+    else:
+        table = Table(title=f"options (section `{cls.options_key}:`)")
+        for col in ("option", "default", "allowed", "meaning"):
+            table.add_column(col)
+        for key, field in cls.Options.model_fields.items():
+            default = field.get_default(call_default_factory=True)
+            table.add_row(field.alias or key, repr(default), _allowed(field), field.description or "")
+        out.print(table)
+    refused = [(other, refusal(cls, k) or refusal(k, cls)) for other, k in sorted(known.items()) if k is not cls]
+    refused = [(o, r) for o, r in refused if r]
+    if refused:
+        table = Table(title="cannot be combined with", show_header=False)
+        table.add_column(style="bold")
+        table.add_column()
+        for other, reason in refused:
+            table.add_row(other, reason)
         out.print(table)
 
 
@@ -195,17 +248,17 @@ def validate(
 ) -> None:
     """Check a config, its data files and its model spec without training anything."""
     from retain.config import load_config
+    from retain.loop import check_run
     from retain.models import resolve_model_spec
-    from retain.streams import build_stream
-    from retain.strategies import StrategyStack
 
     cfg = load_config(config, overrides or [])
-    stream = build_stream(cfg)
-    stack = StrategyStack.from_config(cfg)
+    stream, stack = check_run(cfg)
     kind, location = resolve_model_spec(cfg.model)
     out.print(f"config ok: {config}")
     out.print(f"  model    {cfg.model} ({kind}: {location})")
     out.print(f"  strategy {stack.name}")
+    for key in cfg.unused_sections():
+        out.print(f"  note     section '{key}' configures a method not in this strategy; it is not used")
     for t in stream.tasks:
         out.print(f"  task     {t.name}: {len(t.train)} train, {len(t.test)} test, metric {t.metric}")
     if stream.probe:
@@ -213,7 +266,7 @@ def validate(
 
 
 def main() -> None:
-    _quiet_libraries()
+    quiet_libraries()
     try:
         app()
     except RetainError as exc:

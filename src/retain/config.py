@@ -8,11 +8,12 @@ needs no edit here.
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from retain.errors import RetainError
 
@@ -21,10 +22,24 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+#: Task names become folder and adapter names (PEFT refuses '.' in an adapter's name).
+TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+#: Run names become a folder under ``output_dir``: no separators, no leading dot.
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+
+
 class TaskSpec(_Strict):
     """One task of a user-defined stream: files (JSONL/CSV) or a Hugging Face dataset."""
 
     name: str = Field(min_length=1)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        if not TASK_NAME.fullmatch(value):
+            raise ValueError(f"task name '{value}' may hold only letters, digits, '-' and '_' and must start "
+                             "with a letter or digit (it names the task's folders and adapters)")
+        return value
     train: str | None = None
     test: str | None = None
     dataset: str | None = None
@@ -63,8 +78,9 @@ class TrainConfig(_Strict):
     max_length: int = Field(default=256, ge=8, description="tokens per training example")
     precision: Literal["no", "bf16", "fp16"] = "no"
     device: Literal["auto", "cpu"] = "auto"
-    checkpoint_every: int = Field(default=10, ge=0, description="steps between checkpoints inside a phase, for "
-                                  "strategies that resume there exactly (es); 0: at phase ends only")
+    checkpoint_every: int = Field(default=50, ge=0, description="steps between checkpoints inside a task "
+                                  "(weights, optimizer, RNG and data position; a kill loses at most this many "
+                                  "steps); 0: at task ends only")
 
 
 class EvalConfig(_Strict):
@@ -101,7 +117,7 @@ class RunConfig(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.+-]+$")
+    name: str = Field(min_length=1)
     model: str = "smollm2-135m-instruct"
     trust_remote_code: bool = False
     stream: str | None = None
@@ -112,6 +128,14 @@ class RunConfig(BaseModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        if not RUN_NAME.fullmatch(value):
+            raise ValueError(f"run name '{value}' may hold only letters, digits, '.', '+', '-' and '_' and must "
+                             "start with a letter or digit (it names the run's folder)")
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":
@@ -135,8 +159,16 @@ class RunConfig(BaseModel):
             try:
                 self.model_extra[key] = sections[key].model_validate(value or {})
             except ValidationError as exc:
-                raise ValueError(_format_errors(exc, prefix=key, model=sections[key])) from None
+                raise ValueError(format_errors(exc, prefix=key, model=sections[key])) from None
         return self
+
+    def unused_sections(self) -> list[str]:
+        """Options sections of methods this run does not use (one file may serve several
+        arms of a study); validated, and named to the user, but not an error."""
+        from retain.strategies import parse_strategy
+
+        used = {c.options_key for c in parse_strategy(self.strategy)}
+        return sorted(k for k in (self.model_extra or {}) if k not in used)
 
     def options(self, key: str) -> BaseModel:
         """The validated options section ``key`` (defaults if the config has none)."""
@@ -170,12 +202,17 @@ def allowed_range(model: type[BaseModel], loc: tuple) -> str | None:
         if field is None:
             return None
         model = field.annotation
-    bounds = [f"{sym} {getattr(m, attr)}" for m in (field.metadata if field else [])
+    return field_bounds(field) if field else None
+
+
+def field_bounds(field) -> str | None:
+    """A pydantic field's numeric bounds as text ("> 0 and <= 1")."""
+    bounds = [f"{sym} {getattr(m, attr)}" for m in field.metadata
               for attr, sym in _BOUNDS if getattr(m, attr, None) is not None]
     return " and ".join(bounds) or None
 
 
-def _format_errors(exc: ValidationError, prefix: str = "", model: type[BaseModel] | None = None) -> str:
+def format_errors(exc: ValidationError, prefix: str = "", model: type[BaseModel] | None = None) -> str:
     lines = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in ((prefix,) if prefix else ()) + tuple(err["loc"]))
@@ -210,9 +247,19 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as exc:
-            raise RetainError(f"override '{item}': cannot parse value: {exc}") from None
+            raise RetainError(f"override '{item}': cannot parse the value as YAML ({_yaml_problem(exc)})") from None
         _set_dotted(data, key.strip(), value)
     return data
+
+
+def _yaml_where(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    return f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's message on one line."""
+    return getattr(exc, "problem", None) or str(exc).splitlines()[0]
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -222,7 +269,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
-        raise RetainError(f"{path}: invalid YAML: {exc}") from None
+        raise RetainError(f"{path}{_yaml_where(exc)}: invalid YAML ({_yaml_problem(exc)})") from None
     if not isinstance(data, dict):
         raise RetainError(f"{path}: the config must be a mapping of keys, got {type(data).__name__}")
     return data
@@ -232,7 +279,7 @@ def validate_config(data: dict[str, Any], source: str = "config") -> RunConfig:
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:
-        raise RetainError(f"{source}: {_format_errors(exc, model=RunConfig)}") from None
+        raise RetainError(f"{source}: {format_errors(exc, model=RunConfig)}") from None
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
@@ -248,4 +295,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
                 setattr(task, field, str(base / value))
         if task.dataset and (base / task.dataset).exists():
             task.dataset = str(base / task.dataset)
+    probe = config.eval.probe_file
+    if probe and not Path(probe).is_absolute() and (base / probe).exists():
+        config.eval.probe_file = str(base / probe)
     return config

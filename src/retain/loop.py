@@ -3,7 +3,7 @@
     load model and stream -> strategy.setup -> score base model (b)
     for each phase (a task, or all tasks for joint):
         strategy.before_task
-        for step in range(max_steps * len(phase)):
+        for step in range(max_steps * len(phase)):     (checkpoint every train.checkpoint_every)
             batch <- strategy.batches(...)           (replay mixing)
             loss = LM loss + strategy.extra_loss     (EWC, distillation)
             backward, clip, optimizer step
@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 import resource
 import shutil
@@ -30,14 +31,15 @@ from transformers import get_scheduler
 
 from retain import checkpoint
 from retain.analysis import UpdateTracker
-from retain.config import RunConfig, validate_config
+from retain.config import RunConfig, read_yaml, validate_config
 from retain.errors import RetainError
 from retain.batching import batch_stream, collate
 from retain.evaluation.scoring import score_task, work_units
 from retain.io import atomic_write_text
 from retain.models import load_model
 from retain.routing import agnostic_evaluation
-from retain.streams import Task, build_stream
+from retain.state import Progress, RunState, phase_seed
+from retain.streams import Stream, Task, build_stream
 from retain.strategies import Context, StrategyStack
 from retain.ui import UI
 
@@ -49,20 +51,17 @@ def peak_memory_mb() -> float:
 
 
 class Run:
-    """A run directory being filled; holds what the checkpoint records."""
+    """A run directory being filled; ``state`` is what the checkpoint records."""
 
     def __init__(self, config: RunConfig, run_dir: Path, ui: UI, tracker: UpdateTracker | None = None) -> None:
         self.config, self.run_dir, self.ui, self.tracker = config, run_dir, ui, tracker
-        self.state: dict[str, Any] = {
-            "completed_phases": 0, "base": None, "base_probe": None, "R": [], "probe": [],
-            "phases": [], "timings": [], "trained_keys": [], "strategy": {}, "updates": [],
-        }
+        self.state = RunState()
         self.start_clock()
 
     def start_clock(self) -> None:
         """Wall time adds up across the processes of a killed and resumed run: each checkpoint
         records the time so far, so a resumed run's ``wall_s`` is not only its last process's."""
-        self._wall_before = self.state.get("wall_s", 0.0)
+        self._wall_before = self.state.wall_s
         self._started = time.perf_counter()
 
     def wall_s(self) -> float:
@@ -93,71 +92,93 @@ class Run:
     # -- training -------------------------------------------------------------------
     def train_phase(self, ctx: Context, stack: StrategyStack, tasks: list[Task], phase: int) -> dict[str, Any]:
         cfg = self.config.train
-        seed = self.config.seed * 1000 + phase
+        seed = phase_seed(self.config.seed, phase)
         torch.manual_seed(seed)
         rng = random.Random(seed)
+        # Every phase starts in eval mode, as it does after the previous phase or in a resumed
+        # process: importance scores and teacher snapshots taken here see no dropout.
+        ctx.model.eval()
         stack.before_task(ctx, tasks)
         params = stack.trainable_parameters(ctx)
         if not params:
             raise RetainError(f"strategy '{stack.name}' left no trainable parameters for phase {phase}")
         ids = {id(p) for p in params}
+        # One source of truth for what trains, whoever runs the step (the loop, es, TRL).
+        for p in ctx.model.parameters():
+            p.requires_grad_(id(p) in ids)
         trainable = sum(p.numel() for p in params)
         keys = [n for n, p in ctx.model.named_parameters() if id(p) in ids]
-        self.state["trained_keys"] = sorted(set(self.state["trained_keys"]) | set(keys))
 
         steps = cfg.max_steps * len(tasks)
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        scheduler = stack.schedule(ctx, optimizer, steps) or get_scheduler(
-            "constant_with_warmup", optimizer, num_warmup_steps=cfg.warmup_steps)
-        optimizer, scheduler = ctx.accelerator.prepare(optimizer, scheduler)
+        optimizer = scheduler = None
+        if not (stack.takes_over_phase or stack.takes_over_step):
+            optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            scheduler = stack.schedule(ctx, optimizer, steps) or get_scheduler(
+                "constant_with_warmup", optimizer, num_warmup_steps=cfg.warmup_steps)
+            optimizer, scheduler = ctx.accelerator.prepare(optimizer, scheduler)
         items = [item for task in tasks for item in task.items(ctx.tokenizer)]
         batches = stack.batches(ctx, tasks, batch_stream(items, cfg.batch_size, rng))
         ctx.model.train()
-        # An hour-long ES phase checkpoints every few iterations; a resumed run skips the
-        # batches those iterations drew (the same ones: the batch order is seeded).
-        every = cfg.checkpoint_every if stack.checkpoints_in_phase else 0
-        progress = self.state.pop("progress", None) or {}
-        if progress.get("phase") != phase:
-            progress = {"losses": [], "tokens": 0, "seconds": 0.0}
-        tokens, losses = progress["tokens"], progress["losses"]
-        skip = len(losses)
-        start = time.perf_counter() - progress["seconds"]
+        every = cfg.checkpoint_every if stack.resumes_mid_phase else 0
+        progress = self.state.progress if self.state.progress and self.state.progress.phase == phase else None
+        self.state.progress = None
+        if progress is not None:
+            # The phase began again from its start (weights, strategies, seeds); replaying the
+            # batch draws brings every generator and memory RNG to the checkpoint's step
+            # without running the model, then the step's weights, optimizer and RNGs load.
+            for _ in islice(batches, progress.step):
+                pass
+            checkpoint.restore_progress(self.run_dir, progress, ctx.accelerator.unwrap_model(ctx.model),
+                                        optimizer, scheduler)
+            stack.load_phase_state(ctx, progress.strategy)
+            self.ui.info(f"  resuming phase {phase + 1} at step {progress.step + 1} of {steps}")
+        else:
+            progress = Progress(phase=phase, losses=[], tokens=0, seconds=0.0)
+        skip = progress.step
+        start = time.perf_counter() - progress.seconds
         label = "+".join(t.name for t in tasks)
-        done = sum(t["steps"] for t in self.state["timings"])
-        if skip:
-            self.ui.info(f"  resuming phase {phase + 1} at step {skip + 1} of {steps}")
+        done = sum(t["steps"] for t in self.state.timings)
         with self.ui.bar(steps, f"train {label}", completed=skip) as advance:
             def on_step(loss: float, n_tokens: int) -> None:
-                nonlocal tokens
-                tokens += n_tokens
-                losses.append(loss)
-                step = len(losses)
+                step = progress.step + 1
+                if not math.isfinite(loss):
+                    last = f"step {progress.step}" if every and progress.step >= every else "its start"
+                    raise RetainError(
+                        f"phase {phase + 1} ({label}): the loss became {loss} at step {step}; the run stopped "
+                        f"and its checkpoint (phase {phase + 1} at {last}) resumes with `retain run --resume "
+                        f"{self.run_dir}`; a smaller train.lr or train.max_grad_norm usually avoids it")
+                progress.tokens += n_tokens
+                progress.losses.append(loss)
                 if self.tracker and step < steps and self.tracker.due(step, steps):
-                    self.state.setdefault("updates", []).append(self.tracker.measure(ctx, phase, step, done + step))
+                    self.state.updates.append(self.tracker.measure(ctx, phase, step, done + step))
                 advance(1, f"loss {loss:.3f}")
                 if every and step % every == 0 and step < steps:
-                    self.state["progress"] = {"phase": phase, "losses": losses, "tokens": tokens,
-                                              "seconds": time.perf_counter() - start}
-                    self.checkpoint(ctx, stack)
-                    del self.state["progress"]
+                    progress.seconds = time.perf_counter() - start
+                    progress.strategy = stack.phase_state()
+                    self.state.wall_s = self.wall_s()
+                    checkpoint.save_progress(self.run_dir, self.state, progress,
+                                             ctx.accelerator.unwrap_model(ctx.model), keys, optimizer, scheduler)
 
             # A strategy may train the phase itself (TRL's GRPO trainer) or replace each
             # gradient step (evolution strategies); otherwise: loss, backward, clip, step.
             if not stack.train_phase(ctx, tasks, steps, on_step):
-                for items_batch in islice(batches, skip, steps):
+                for items_batch in islice(batches, steps - skip):
                     on_step(*(stack.step(ctx, items_batch)
                               or self.gradient_step(ctx, stack, items_batch, params, optimizer, scheduler)))
         seconds = time.perf_counter() - start
+        # Only now: an in-phase checkpoint's state must name the tensors of the phase-start file.
+        self.state.trained_keys = sorted(set(self.state.trained_keys) | set(keys))
         ctx.model.eval()
         # Accelerate keeps every prepared optimizer alive; drop this phase's (and its
         # AdamW state, twice the trainable weights) before the next phase makes its own.
-        del optimizer, scheduler
+        optimizer = scheduler = None
         ctx.accelerator.free_memory()
         stack.after_task(ctx, tasks)
+        losses = progress.losses
         return {
             "phase": phase, "tasks": [t.name for t in tasks], "steps": steps, "train_s": round(seconds, 3),
             "trainable_parameters": trainable,
-            "tokens": tokens, "tokens_per_s": round(tokens / seconds, 1) if seconds else None,
+            "tokens": progress.tokens, "tokens_per_s": round(progress.tokens / seconds, 1) if seconds else None,
             "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
         }
 
@@ -187,30 +208,43 @@ class Run:
         """After the last phase: the task-agnostic evaluation of per-task methods, and any
         strategy's final evaluations (merged adapters)."""
         router = stack.task_router()
-        if router is not None and router.centroids and "routing" not in self.state:
+        if router is not None and router.centroids and self.state.routing is None:
             total = sum(len(t.test) for t in ctx.stream.tasks if t.name in router.centroids)
             with self.ui.bar(total, "eval task-agnostic (routed)") as advance:
-                self.state["routing"] = agnostic_evaluation(ctx, stack, router, advance)
-            r = self.state["routing"]
+                self.state.routing = agnostic_evaluation(ctx, stack, router, advance)
+            r = self.state.routing
             self.ui.info(f"  task-agnostic: routing accuracy {r['accuracy']:.1f}%, AA {r['AA']:.1f}")
             self.checkpoint(ctx, stack)
-        if "final" not in self.state:
+        if self.state.final is None:
             final = stack.finish(ctx, lambda route, label: self.evaluate(ctx, stack, label, route))
+            self.state.final = final or {}
             if final:
-                self.state["final"] = final
                 self.checkpoint(ctx, stack)
 
     def checkpoint(self, ctx: Context, stack: StrategyStack) -> None:
-        self.state["strategy"] = stack.state_dict()
-        self.state["wall_s"] = self.wall_s()
-        checkpoint.save(self.run_dir, self.state, ctx.accelerator.unwrap_model(ctx.model), self.state["trained_keys"],
-                        stack.state_tensors())
+        """Between phases: the strategies' state and the trained tensors as they are now."""
+        self.state.strategy = stack.state_dict()
+        self.state.wall_s = self.wall_s()
+        checkpoint.save(self.run_dir, self.state, ctx.accelerator.unwrap_model(ctx.model), stack.state_tensors())
+
+
+def check_run(config: RunConfig) -> tuple[Stream, StrategyStack]:
+    """Everything that needs only the config and the data: ``retain validate`` and the start
+    of ``retain run`` (before the model loads)."""
+    stream = build_stream(config)
+    stack = StrategyStack.from_config(config)
+    try:
+        stack.check(config, stream)
+    except ValueError as exc:
+        raise RetainError(f"strategy '{stack.name}': {exc}") from None
+    return stream, stack
 
 
 def prepare(config: RunConfig, ui: UI) -> tuple[Context, StrategyStack]:
     """Everything that can fail on bad input, before a run directory is touched."""
-    stream = build_stream(config)
-    stack = StrategyStack.from_config(config)
+    stream, stack = check_run(config)
+    for key in config.unused_sections():
+        ui.info(f"note: section '{key}' configures a method not in strategy '{config.strategy}'; it is not used")
     ui.info(f"loading model [bold]{config.model}[/bold]")
     model, tokenizer = load_model(config.model, trust_remote_code=config.trust_remote_code, seed=config.seed)
     cpu = config.train.device == "cpu" or not torch.cuda.is_available()
@@ -242,6 +276,8 @@ def execute(config: RunConfig, *, run_dir: Path | None = None, resume: bool = Fa
                 f"run directory {run_dir} already exists; resume it with `retain run --resume {run_dir}`, "
                 "pick another name (name=...), or pass --overwrite"
             )
+    # A corrupt checkpoint is refused before the model loads.
+    saved = checkpoint.load_state(run_dir) if resume else None
     ctx, stack = prepare(config, ui)
     if not resume and run_dir.exists():
         shutil.rmtree(run_dir)
@@ -250,25 +286,26 @@ def execute(config: RunConfig, *, run_dir: Path | None = None, resume: bool = Fa
     # W0 for the update analysis: the model as set up, before a resumed run restores weights.
     tracker = UpdateTracker(ctx, config.analysis) if config.analysis.enabled else None
     run = Run(config, run_dir, ui, tracker)
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config.resolved(), sort_keys=False))
-
-    saved = checkpoint.load_state(run_dir) if resume else None
     if saved:
         run.state = saved
-        stack.load_state_dict(ctx, saved["strategy"])
-        stack.load_state_tensors(checkpoint.load_strategy_tensors(run_dir, ctx.accelerator.device))
-        checkpoint.restore_tensors(run_dir, ctx.accelerator.unwrap_model(ctx.model), saved["trained_keys"])
-        ui.info(f"resuming {run_dir} after {saved['completed_phases']} completed phase(s)")
+        stack.load_state_dict(ctx, saved.strategy)
+        stack.load_state_tensors(checkpoint.load_strategy_tensors(run_dir, saved, ctx.accelerator.device))
+        checkpoint.restore_tensors(run_dir, ctx.accelerator.unwrap_model(ctx.model), saved)
+        inside = f", inside phase {saved.progress.phase + 1} at step {saved.progress.step}" if saved.progress else ""
+        ui.info(f"resuming {run_dir} after {saved.completed_phases} completed phase(s){inside}")
+    # Written only once the checkpoint loaded: a refused resume leaves the run as it was.
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config.resolved(), sort_keys=False))
     run.start_clock()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    if run.state["base"] is None:
-        run.state["base"], run.state["base_probe"] = run.evaluate(ctx, stack, "base model")
+    state = run.state
+    if state.base is None:
+        state.base, state.base_probe = run.evaluate(ctx, stack, "base model")
         run.checkpoint(ctx, stack)
 
     phases = stack.plan(ctx.stream.tasks)
     for phase, tasks in enumerate(phases):
-        if phase < run.state["completed_phases"]:
+        if phase < state.completed_phases:
             continue
         ctx.phase = phase
         ui.info(f"[bold]phase {phase + 1}/{len(phases)}[/bold]: {', '.join(t.name for t in tasks)}")
@@ -276,34 +313,33 @@ def execute(config: RunConfig, *, run_dir: Path | None = None, resume: bool = Fa
         eval_start = time.perf_counter()
         row, probe = run.evaluate(ctx, stack, f"after {timing['tasks'][-1]}")
         timing["eval_s"] = round(time.perf_counter() - eval_start, 3)
-        run.state["R"].append(row)
-        run.state["probe"].append(probe)
+        state.R.append(row)
+        state.probe.append(probe)
         if tracker:
-            steps_done = sum(t["steps"] for t in run.state["timings"]) + timing["steps"]
+            steps_done = sum(t["steps"] for t in state.timings) + timing["steps"]
             # The phase end is scored by the evaluation just done; the tracker only measures dW.
             record = tracker.measure(ctx, phase, timing["steps"], steps_done, score=False)
             scores = dict(zip(ctx.stream.task_names, row))
-            run.state.setdefault("updates", []).append({**record, "probe": probe, "scores": scores})
-        run.state["phases"].append(timing["tasks"])
-        run.state["timings"].append(timing)
-        run.state.setdefault("strategy_stats", []).append(stack.stats())
-        run.state["completed_phases"] = phase + 1
-        run.state["peak_memory_mb"] = max(run.state.get("peak_memory_mb", 0), round(peak_memory_mb(), 1))
+            state.updates.append({**record, "probe": probe, "scores": scores})
+        state.phases.append(timing["tasks"])
+        state.timings.append(timing)
+        state.strategy_stats.append(stack.stats())
+        state.completed_phases = phase + 1
+        state.peak_memory_mb = max(state.peak_memory_mb, round(peak_memory_mb(), 1))
         run.checkpoint(ctx, stack)
         ui.info("  " + "  ".join(f"{n}={v:.1f}" for n, v in zip(ctx.stream.task_names, row))
                 + (f"  probe={probe:.1f}" if probe is not None else ""))
     run.finish(ctx, stack)
-    run.state["wall_s"] = run.wall_s()
+    state.wall_s = run.wall_s()
     stack.export(ctx, run_dir)
-    return finalize(run_dir, config, ctx.stream, run.state)
+    return finalize(run_dir, config, ctx.stream, state.to_dict())
 
 
 def load_run_config(run_dir: Path) -> RunConfig:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise RetainError(f"{run_dir} is not a run directory (no config.yaml)")
-    data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    return validate_config(data, source=str(path))
+    return validate_config(read_yaml(path), source=str(path))
 
 
 def restore(run_dir: Path) -> tuple[Context, StrategyStack]:
@@ -314,6 +350,6 @@ def restore(run_dir: Path) -> tuple[Context, StrategyStack]:
     saved = checkpoint.load_state(run_dir)
     if not saved:
         raise RetainError(f"{run_dir} has no checkpoint to restore")
-    stack.load_state_dict(ctx, saved["strategy"])
-    checkpoint.restore_tensors(run_dir, ctx.accelerator.unwrap_model(ctx.model), saved["trained_keys"])
+    stack.load_state_dict(ctx, saved.strategy)
+    checkpoint.restore_tensors(run_dir, ctx.accelerator.unwrap_model(ctx.model), saved)
     return ctx, stack

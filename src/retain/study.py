@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from retain.config import _format_errors, load_config, read_yaml
+from retain.config import format_errors, load_config, read_yaml
 from retain.errors import RetainError
 from retain.io import atomic_write_text
 
@@ -54,7 +54,7 @@ def load_study(path: str | Path, overrides: list[str] | None = None,
     try:
         study = Study.model_validate(read_yaml(path))
     except ValidationError as exc:
-        raise RetainError(f"{path}: {_format_errors(exc, model=Study)}") from None
+        raise RetainError(f"{path}: {format_errors(exc, model=Study)}") from None
     if name is not None:
         try:
             study = Study.model_validate({**study.model_dump(), "name": name})
@@ -220,7 +220,7 @@ def matched_rows(results: list[dict[str, Any]], step: float = 10.0) -> tuple[lis
 def write_study(folder: Path, name: str, results: list[dict[str, Any]],
                 link: Callable[[str], str] = lambda arm: f"{arm}/report.md") -> Path:
     from retain.reporting import plots
-    from retain.reporting.report import _table
+    from retain.reporting.report import markdown_table
 
     plots.study(results, folder / "study.png")
     header, rows = study_rows(results)
@@ -232,11 +232,11 @@ def write_study(folder: Path, name: str, results: list[dict[str, Any]],
         "weights changed by more than tau, in float32 and after casting to bf16. rank90: singular "
         "values holding 90% of a matrix's update energy (median over matrices). s per update: "
         "training seconds per step, without the update analysis.", "",
-        *_table(header, rows), "",
+        *markdown_table(header, rows), "",
         *(["## At matched target score", "",
             "||dW||/||W0|| of each arm's update at the first analysis record that reached the score "
             "(its step, the score it had there and the probe then).", "",
-            *_table(*matched), ""] if matched[1] else []),
+            *markdown_table(*matched), ""] if matched[1] else []),
         "![study](study.png)", "",
         "Arms: " + ", ".join(f"[{r['name']}]({link(r['name'])})" for r in results), "",
     ])

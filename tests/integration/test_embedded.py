@@ -11,7 +11,7 @@ import pytest
 from retain.config import validate_config
 from retain.loop import execute
 from retain.models import load_model
-from retain.models.loader import _gguf_cache, embedded_gguf
+from retain.models.loader import gguf_cache, embedded_gguf
 
 pytestmark = pytest.mark.embedded
 
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.embedded
 def test_embedded_model_loads_caches_and_runs_a_short_stream(tmp_path):
     model, tok = load_model("smollm2-135m-instruct")
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
-    cached = _gguf_cache(embedded_gguf())
+    cached = gguf_cache(embedded_gguf())
     assert (cached / "model.safetensors").is_file() and (cached / "tokenizer.json").is_file()
     again, _ = load_model("smollm2-135m-instruct")  # from the safetensors cache
     name, p = next(iter(model.named_parameters()))

@@ -145,7 +145,7 @@ def test_ray_actors_on_two_nodes_give_the_serial_result(tiny_config, tmp_path):
 def test_ray_backend_without_ray_says_how_to_get_it(monkeypatch):
     import builtins
 
-    from retain.es_ray import RayPool
+    from retain.strategies.es.pools import RayPool
 
     real = builtins.__import__
     monkeypatch.setattr(builtins, "__import__",

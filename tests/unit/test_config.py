@@ -25,7 +25,7 @@ def test_defaults_and_strategy_sections():
         ({**BASE, "train": {"lr": -1}}, "'train.lr'"),
         ({**BASE, "strategy": "ewc2"}, "unknown strategy 'ewc2'; valid:"),
         ({**BASE, "strategy": "lora+naive"}, "both decide which weights train"),
-        ({**BASE, "strategy": "lora-per-task+joint"}, "cannot be combined with 'joint'"),
+        ({**BASE, "strategy": "lora-per-task+joint"}, "joint trains every task in one phase"),
         ({**BASE, "replay": {"ratio": 1.5}}, "'replay.ratio'"),
         ({**BASE, "lora": {"rank": 4}}, "'lora.rank': unknown key"),
         ({"name": "x", "model": "tiny-random"}, "exactly one of 'stream'"),

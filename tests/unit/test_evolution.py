@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from retain.evolution import (CHUNK, Perturbation, apply_update, full_noise, noise_seed, perturbed_members,
+from retain.strategies.es.noise import (CHUNK, Perturbation, apply_update, full_noise, noise_seed, perturbed_members,
                               unique_parameters, zscore)
 from retain.models import load_model
 from retain.rewards import answer_reward as reward
@@ -69,7 +69,7 @@ def test_segment_size_changes_no_weight_only_the_grouping(dtype):
 
 
 def test_noise_is_a_window_of_the_shared_table_and_the_same_on_every_call(tiny):
-    from retain.evolution import TABLE_SIZE, noise, noise_table
+    from retain.strategies.es.noise import TABLE_SIZE, noise, noise_table
 
     table = noise_table("cpu")
     assert table.numel() == TABLE_SIZE and abs(float(table.mean())) < 1e-3 and abs(float(table.std()) - 1) < 1e-3

@@ -113,5 +113,5 @@ def test_generative_replay_run_records_generated_and_kept(tiny_config):
     results = execute(cfg, quiet=True)
     counts = results["strategy_stats"][-1]["generative-replay"]["pseudo_examples"]
     assert counts["upper"]["generated"] == 8 and 0 <= counts["upper"]["kept"] <= 8
-    state = load_state(run_dir_for(cfg))["strategy"]["generative-replay"]
+    state = load_state(run_dir_for(cfg)).strategy["generative-replay"]
     assert state["trained"] == ["upper", "small"] and len(state["pseudo"]) == counts["upper"]["kept"]

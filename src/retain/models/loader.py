@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import struct
 import re
 from pathlib import Path
 
@@ -79,18 +80,27 @@ def resolve_model_spec(spec: str) -> tuple[str, str]:
     return "hub", spec
 
 
-def _gguf_cache(path: Path) -> Path:
+def gguf_cache(path: Path) -> Path:
     stat = path.stat()
     key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     return cache_dir() / "gguf" / f"{path.stem}-{key}"
 
 
+GGUF_ERRORS = (ValueError, KeyError, IndexError, TypeError, OSError, EOFError, RuntimeError, struct.error)
+
+
 def _load_gguf(path: Path) -> tuple[PreTrainedModel, object]:
-    cached = _gguf_cache(path)
+    cached = gguf_cache(path)
     if not (cached / "config.json").is_file():
         log.info("de-quantizing %s once (cached at %s)", path, cached)
-        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        try:
+            tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        except GGUF_ERRORS as exc:
+            # The gguf reader and transformers' converter fail on a damaged or foreign file in
+            # many ways (bad magic, truncated header, unknown architecture, missing tensors).
+            raise RetainError(f"model: {path} could not be read as a GGUF model ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else 'no detail'})") from None
         # The de-quantized weights are plain float32 tensors; drop the GGUF quantizer
         # marker so transformers lets us save them.
         model.hf_quantizer = None
@@ -113,8 +123,9 @@ def _load_dir(location: str, trust_remote_code: bool, local_only: bool) -> tuple
     try:
         tok = AutoTokenizer.from_pretrained(location, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, **kwargs)
-    except OSError as exc:
-        raise RetainError(f"model '{location}' could not be loaded: {exc}") from None
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise RetainError(f"model '{location}' could not be loaded: {first}") from None
     return model, tok
 
 

@@ -6,17 +6,17 @@ from pathlib import Path
 from typing import Any
 
 from retain.io import atomic_write_text
-from retain.reporting.report import METRIC_HEADER, _table, metric_rows
+from retain.reporting.report import METRIC_HEADER, markdown_table, metric_rows
 from retain.reporting.results import load_results
 
 
 def comparison_table(runs: list[dict[str, Any]]) -> str:
     rows = [[r["name"], r["strategy"]] + metric_rows(r)[0] for r in runs]
-    return "\n".join(_table(["run", "strategy", *METRIC_HEADER], rows))
+    return "\n".join(markdown_table(["run", "strategy", *METRIC_HEADER], rows))
 
 
 def compare_plot(runs: list[dict[str, Any]], path: Path) -> Path:
-    from retain.reporting.plots import _save, plt
+    from retain.reporting.plots import save_figure, plt
 
     keys = ["AA", "BWT", "FM"]
     fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(runs) + 3), 4))
@@ -30,7 +30,7 @@ def compare_plot(runs: list[dict[str, Any]], path: Path) -> Path:
     ax.axhline(0, color="black", linewidth=0.8)
     ax.legend(fontsize=8)
     ax.set_title("runs compared")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def compare_runs(run_dirs: list[str | Path], out: str | Path | None = None) -> tuple[str, list[dict[str, Any]]]:

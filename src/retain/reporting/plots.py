@@ -14,7 +14,7 @@ from retain.io import atomic_write  # noqa: E402
 from retain.reporting.results import scored_records  # noqa: E402
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
     plt.close(fig)
     return path
@@ -33,7 +33,7 @@ def heatmap(results: dict[str, Any], path: Path) -> Path:
             ax.text(j, i, f"{v:.1f}", ha="center", va="center", color="white" if v < 60 else "black", fontsize=8)
     ax.set_title(f"{results['name']}: score R[i][j]")
     fig.colorbar(im, ax=ax)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def curves(results: dict[str, Any], path: Path) -> Path:
@@ -50,7 +50,7 @@ def curves(results: dict[str, Any], path: Path) -> Path:
     ax.set_title(f"{results['name']}: scores after each phase")
     ax.legend(fontsize=8, loc="best")
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def updates(results: dict[str, Any], path: Path) -> Path:
@@ -75,7 +75,7 @@ def updates(results: dict[str, Any], path: Path) -> Path:
     right.grid(alpha=0.3)
     right.set_title("general ability against update norm")
     fig.suptitle(results["name"])
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def study(runs: list[dict[str, Any]], path: Path) -> Path:
@@ -101,4 +101,4 @@ def study(runs: list[dict[str, Any]], path: Path) -> Path:
         ax.set_title(title)
         ax.grid(alpha=0.3)
     a.legend(fontsize=8, loc="best")
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -17,7 +17,7 @@ def fmt(x: float | None, nd: int = 1, signed: bool = False) -> str:
     return f"{x:+.{nd}f}" if signed else f"{x:.{nd}f}"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return lines
@@ -42,7 +42,7 @@ def markdown(results: dict[str, Any], images: dict[str, str]) -> str:
         f"model `{results['model']}` · strategy `{results['strategy']}` · stream `{results['stream']}` · "
         f"seed {results['seed']}", "",
         "## Metrics", "",
-        *_table(METRIC_HEADER, metric_rows(results)), "",
+        *markdown_table(METRIC_HEADER, metric_rows(results)), "",
         "AA: mean final score. BWT: final minus just-learned score (negative = forgetting). "
         "FWT: score on a task before training on it, minus the base model's. FM: mean drop from the best "
         "earlier score. Probe: general-ability questions the base model answered.", "",
@@ -50,9 +50,9 @@ def markdown(results: dict[str, Any], images: dict[str, str]) -> str:
     ]
     rows = [["base"] + [fmt(v) for v in results["base"]]]
     rows += [["after " + "+".join(p)] + [fmt(v) for v in row] for p, row in zip(results["phases"], results["R"])]
-    lines += _table(["", *tasks], rows) + [""]
+    lines += markdown_table(["", *tasks], rows) + [""]
     lines += ["## Timing", ""]
-    lines += _table(
+    lines += markdown_table(
         ["phase", "steps", "train s", "eval s", "tokens/s", "loss first", "loss last"],
         [["+".join(t["tasks"]), str(t["steps"]), fmt(t["train_s"]), fmt(t.get("eval_s")), fmt(t["tokens_per_s"], 0),
           fmt(t["loss_first"], 3), fmt(t["loss_last"], 3)] for t in results["timings"]],
@@ -76,7 +76,7 @@ def routing_section(results: dict[str, Any]) -> list[str]:
     rows = [[t, fmt(routing["per_task_accuracy"].get(t)), fmt(final.get(t)), fmt(routing["scores"].get(t))]
             for t in routing["scores"]]
     return ["## Task-agnostic evaluation (routed by nearest task centroid)", "",
-            *_table(["task", "routed to it %", "score, task given", "score, task routed"], rows), "",
+            *markdown_table(["task", "routed to it %", "score, task given", "score, task routed"], rows), "",
             f"Routing accuracy {fmt(routing['accuracy'])}%; AA with routed tasks {fmt(routing['AA'])} "
             f"(given: {fmt(results.get('metrics', {}).get('AA'))}).", ""]
 
@@ -90,7 +90,7 @@ def merge_section(results: dict[str, Any]) -> list[str]:
     if results.get("R"):
         rows.insert(0, ["per-task adapters (task given)", *[fmt(v) for v in results["R"][-1]],
                         fmt(results["metrics"].get("AA")), fmt((results.get("probe") or {}).get("after_phase", [None])[-1])])
-    return ["## Merged adapters (one adapter for every task)", "", *_table(["", *tasks, "AA", "probe"], rows), ""]
+    return ["## Merged adapters (one adapter for every task)", "", *markdown_table(["", *tasks, "AA", "probe"], rows), ""]
 
 
 def update_section(updates: list[dict[str, Any]]) -> list[str]:
@@ -107,7 +107,7 @@ def update_section(updates: list[dict[str, Any]]) -> list[str]:
                      fmt(u.get("kl_base"), 4), fmt(u.get("probe"))])
     header = ["step", "||dW||", "rel.", *[f"dense % {p} >{t}" for p in ("fp32", "bf16") for t in taus],
               "median rank90", "KL to base", "probe"]
-    return ["## Update analysis (dW = W - W0)", "", *_table(header, rows), "",
+    return ["## Update analysis (dW = W - W0)", "", *markdown_table(header, rows), "",
             "rank90: the number of singular values holding 90% of a matrix's update energy (median over matrices).",
             ""]
 

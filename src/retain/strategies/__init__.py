@@ -22,7 +22,7 @@ __all__ = [
 _DISCOVERED = False
 
 
-def _discover() -> None:
+def discover() -> None:
     global _DISCOVERED
     if _DISCOVERED:
         return

@@ -136,7 +136,9 @@ class AdapterPerTask(Strategy):
     options_key = "adapter"
     Options = AdapterOptions
     owns_parameters = True
-    incompatible = frozenset({"joint"})
+    freezes_earlier = True
+    scores_per_task = True
+    per_task_phases = True
 
     def __init__(self, options=None) -> None:
         super().__init__(options)

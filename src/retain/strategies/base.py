@@ -38,11 +38,29 @@ class Context:
     accelerator: "Accelerator"
     stream: "Stream"
     run_dir: Path | None = None
+    #: The phase being trained (set by the loop; -1 before the first).
     phase: int = -1
+
+    @property
+    def phase_seed(self) -> int:
+        """The seed of the current phase, the one the loop seeds its batch order with."""
+        from retain.state import phase_seed
+
+        return phase_seed(self.config.seed, self.phase)
+
+
+#: Hooks the loop calls while a phase trains, which a strategy that takes over the step
+#: (``step``) or the whole phase (``train_phase``) may leave uncalled.
+TRAINING_HOOKS = ("trainable_parameters", "batches", "schedule", "step", "extra_loss", "train_phase")
 
 
 class Strategy:
-    """Base class of every method: all hooks are optional."""
+    """Base class of every method: all hooks are optional.
+
+    What a strategy can be combined with follows from the hooks it overrides and the
+    capabilities it declares below; ``parse_strategy`` refuses a combination in which a
+    hook or a capability would go unused, naming both methods and the reason.
+    """
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
@@ -51,19 +69,50 @@ class Strategy:
     Options: ClassVar[type[BaseModel] | None] = None
     #: True for strategies that decide which weights train (naive, lora, ...); a stack has one.
     owns_parameters: ClassVar[bool] = False
-    #: Names of strategies this one cannot be combined with.
-    incompatible: ClassVar[frozenset[str]] = frozenset()
+    #: A strategy that overrides ``step`` or ``train_phase`` takes over the loop's gradient
+    #: step or whole phase; these are the other strategies' training hooks it still calls.
+    honours: ClassVar[frozenset[str]] = frozenset()
+    #: Owners only: each task trains parameters of its own and earlier tasks' parameters
+    #: are frozen (per-task adapters, prompt sets, experts).
+    freezes_earlier: ClassVar[bool] = False
+    #: Owners only: each task is scored through its own parameters (routing by task).
+    scores_per_task: ClassVar[bool] = False
+    #: Needs one task per phase (it keys adapters, memories or pseudo-data by ``tasks[0]``).
+    per_task_phases: ClassVar[bool] = False
+    #: Acts on what earlier tasks trained (anchors, masks, memories): useless in a single phase.
+    acts_on_earlier: ClassVar[bool] = False
+    #: Protects weights that earlier tasks trained (anchors, masks): pointless when the owner
+    #: freezes those weights anyway.
+    anchors_weights: ClassVar[bool] = False
+    #: Keeps the model's outputs close to the model before the task (distillation): pointless
+    #: when each task is scored through parameters of its own.
+    distils_previous_model: ClassVar[bool] = False
+    #: Relies on the loop's own AdamW step (gradient masks with weight decay 0).
+    needs_loop_optimizer: ClassVar[bool] = False
+    #: Names of strategies this one cannot be combined with, with the reason.
+    incompatible: ClassVar[dict[str, str]] = {}
     #: Names of strategies this one needs in the same stack (``merge`` needs ``lora-per-task``).
     requires: ClassVar[frozenset[str]] = frozenset()
-    #: What a checkpoint inside a phase needs of this strategy. "step": it replaces the
-    #: optimizer step and keeps its state between steps in the weights and ``state_dict``
-    #: (es); "none": it keeps no state inside a phase (naive, lora); None: unknown, so runs
-    #: using it checkpoint at phase ends only (an optimizer's moments are not saved).
-    mid_phase: ClassVar[Literal["step", "none"] | None] = None
+    #: False: a kill inside a phase loses the phase (its training runs outside the loop).
+    resumes_mid_phase: ClassVar[bool] = True
+
+    @classmethod
+    def overridden(cls) -> frozenset[str]:
+        """The hooks this class (or a parent below ``Strategy``) implements."""
+        return frozenset(h for h in HOOKS if getattr(cls, h) is not getattr(Strategy, h))
+
+    @classmethod
+    def takes_over(cls) -> Literal["step", "phase"] | None:
+        hooks = cls.overridden()
+        return "phase" if "train_phase" in hooks else "step" if "step" in hooks else None
 
     def __init__(self, options: BaseModel | None = None) -> None:
         # Strategies built outside a config (tests, notebooks) get their default options.
         self.options = options if options is not None or self.Options is None else self.Options()
+
+    def check(self, config: "RunConfig", stream: "Stream") -> None:
+        """Refuse (raise ValueError) what needs only the config and the stream, before the
+        model loads: ``retain validate`` and ``retain run`` both call it."""
 
     def setup(self, ctx: Context) -> torch.nn.Module | None:
         """Once, before the base evaluation. Return a replacement model (e.g. a PEFT wrapper)."""
@@ -133,6 +182,14 @@ class Strategy:
     def load_state_dict(self, ctx: Context, state: dict[str, Any]) -> None:
         """Restore ``state_dict()``, re-creating any model structure it describes."""
 
+    def phase_state(self) -> dict[str, Any]:
+        """JSON state that changes while a phase trains and that replaying the phase's batch
+        draws does not rebuild (ES's iterations); saved at in-phase checkpoints."""
+        return {}
+
+    def load_phase_state(self, ctx: Context, state: dict[str, Any]) -> None:
+        """Restore ``phase_state()`` when a run resumes inside a phase."""
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Tensors a resumed run needs besides the model's (Fisher, anchors, stored logits)."""
         return {}
@@ -144,6 +201,11 @@ class Strategy:
         """Figures about the phase just trained, recorded in results.json (``strategy_stats``)."""
         return {}
 
+
+#: Every hook, in the order the loop meets them.
+HOOKS = ("check", "setup", "plan", "before_task", "trainable_parameters", "batches", "schedule", "train_phase",
+         "step", "extra_loss", "after_task", "route", "task_router", "finish", "export", "state_dict",
+         "load_state_dict", "phase_state", "load_phase_state", "state_tensors", "load_state_tensors", "stats")
 
 _REGISTRY: dict[str, type[Strategy]] = {}
 
@@ -159,9 +221,9 @@ def register(cls: type[Strategy]) -> type[Strategy]:
 
 
 def registry() -> dict[str, type[Strategy]]:
-    from retain.strategies import _discover
+    from retain.strategies import discover
 
-    _discover()
+    discover()
     return dict(_REGISTRY)
 
 
@@ -170,8 +232,42 @@ def option_models() -> dict[str, type[BaseModel]]:
     return {cls.options_key: cls.Options for cls in registry().values() if cls.options_key and cls.Options}
 
 
+def _hook_words(takes: str, name: str) -> str:
+    return f"{name} replaces the gradient step" if takes == "step" else f"{name} trains each phase itself"
+
+
+def refusal(a: type[Strategy], b: type[Strategy]) -> str | None:
+    """Why ``a`` and ``b`` cannot run together (``None``: they can), from their hooks and
+    declared capabilities; checked both ways round by ``parse_strategy``."""
+    if b.name in a.incompatible:
+        return f"{a.name} cannot be combined with {b.name}: {a.incompatible[b.name]}"
+    takes = a.takes_over()
+    if takes:
+        if b.takes_over():
+            return f"{a.name} and {b.name} both take over training; keep one"
+        dropped = sorted((b.overridden() & set(TRAINING_HOOKS)) - a.honours)
+        if dropped:
+            return f"{_hook_words(takes, a.name)}, so {b.name}'s {dropped[0]} would never run"
+        if b.needs_loop_optimizer:
+            return (f"{_hook_words(takes, a.name)}, so {b.name}, which works through the loop's "
+                    "optimizer step, would never act")
+    if "plan" in a.overridden() and (b.per_task_phases or b.acts_on_earlier):
+        return (f"{a.name} trains every task in one phase, so {b.name}, which works task by task, "
+                "would never act")
+    if a.freezes_earlier and b.anchors_weights:
+        return (f"{a.name} trains new parameters for each task and freezes earlier ones, so {b.name}, "
+                "which protects the weights earlier tasks trained, would never act")
+    if a.scores_per_task and b.distils_previous_model:
+        return (f"{a.name} scores each task through its own parameters, so {b.name}'s distillation "
+                "would only pull the new task's parameters toward the base model")
+    return None
+
+
 def parse_strategy(spec: str) -> list[type[Strategy]]:
-    """Classes named by ``a+b+c``, with ``naive`` added when none decides which weights train."""
+    """Classes named by ``a+b+c``, with ``naive`` added when none decides which weights train.
+
+    Refuses, before anything runs, a combination in which some method would not do what
+    its name says (see ``refusal``)."""
     known = registry()
     names = [part.strip() for part in spec.split("+")]
     if not all(names):
@@ -186,17 +282,36 @@ def parse_strategy(spec: str) -> list[type[Strategy]]:
     if len(owners) > 1:
         raise ValueError(f"strategies {' and '.join(owners)} both decide which weights train; keep one")
     for c in classes:
-        clash = c.incompatible & set(names)
-        if clash:
-            raise ValueError(f"strategy '{c.name}' cannot be combined with '{sorted(clash)[0]}'")
         missing = c.requires - set(names)
         if missing:
             need = sorted(missing)[0]
             raise ValueError(f"strategy '{c.name}' needs '{need}' in the same run, e.g. {need}+{c.name}")
     if not owners:
         classes.insert(0, known["naive"])
+    for a in classes:
+        for b in classes:
+            reason = refusal(a, b) if a is not b else None
+            if reason:
+                raise ValueError(f"strategy '{spec}': {reason}")
     classes.sort(key=lambda c: not c.owns_parameters)
     return classes
+
+
+def combinations() -> list[str]:
+    """Every allowed stack of one owner and at most one other method, by name (the contract
+    test's table)."""
+    known = registry()
+    owners = sorted(n for n, c in known.items() if c.owns_parameters)
+    others = sorted(n for n, c in known.items() if not c.owns_parameters)
+    specs = owners + [f"{o}+{x}" for o in owners for x in others]
+    allowed = []
+    for spec in specs:
+        try:
+            parse_strategy(spec)
+        except ValueError:
+            continue
+        allowed.append(spec)
+    return allowed
 
 
 class StrategyStack:
@@ -218,11 +333,22 @@ class StrategyStack:
         return "+".join(s.name for s in self.strategies)
 
     @property
-    def checkpoints_in_phase(self) -> bool:
-        """A checkpoint inside a phase resumes exactly: one strategy replaces the optimizer
-        step with a stateless update and none of the others keeps in-phase state."""
-        kinds = [s.mid_phase for s in self.strategies]
-        return "step" in kinds and None not in kinds
+    def resumes_mid_phase(self) -> bool:
+        """Whether a checkpoint inside a phase can be resumed exactly (not when a phase runs
+        outside the loop, e.g. in TRL's trainer)."""
+        return all(s.resumes_mid_phase for s in self.strategies)
+
+    @property
+    def takes_over_phase(self) -> bool:
+        return any(s.takes_over() == "phase" for s in self.strategies)
+
+    @property
+    def takes_over_step(self) -> bool:
+        return any(s.takes_over() == "step" for s in self.strategies)
+
+    def check(self, config: "RunConfig", stream: "Stream") -> None:
+        for s in self.strategies:
+            s.check(config, stream)
 
     def setup(self, ctx: Context) -> torch.nn.Module:
         for s in self.strategies:
@@ -304,6 +430,14 @@ class StrategyStack:
     def load_state_dict(self, ctx: Context, state: dict[str, Any]) -> None:
         for s in self.strategies:
             s.load_state_dict(ctx, state.get(s.name, {}))
+
+    def phase_state(self) -> dict[str, Any]:
+        return {s.name: st for s in self.strategies if (st := s.phase_state())}
+
+    def load_phase_state(self, ctx: Context, state: dict[str, Any]) -> None:
+        for s in self.strategies:
+            if s.name in state:
+                s.load_phase_state(ctx, state[s.name])
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {f"{s.name}/{k}": v for s in self.strategies for k, v in s.state_tensors().items()}

@@ -16,7 +16,7 @@ from retain.batching import collate, target_mask
 from retain.evaluation.scoring import eval_mode
 from retain.streams.task import Item
 from retain.strategies.base import Context, Strategy, register
-from retain.strategies.replay import Reservoir, mix_batches
+from retain.strategies._memory import Reservoir, mix_batches
 
 
 class DistillReplayOptions(BaseModel):
@@ -63,6 +63,7 @@ class DistillReplay(Strategy):
     summary = "replay that trains memory examples to match the teacher's stored top-k log-probabilities"
     options_key = "distill-replay"
     Options = DistillReplayOptions
+    acts_on_earlier = True
 
     def __init__(self, options: DistillReplayOptions | None = None) -> None:
         super().__init__(options)

@@ -37,7 +37,8 @@ class EWC(Strategy):
     summary = "Elastic Weight Consolidation (diagonal Fisher; `online: true` keeps one decayed running Fisher)"
     options_key = "ewc"
     Options = EWCOptions
-    incompatible = frozenset({"lora-per-task"})
+    acts_on_earlier = True
+    anchors_weights = True
 
     def __init__(self, options: EWCOptions | None = None) -> None:
         super().__init__(options)
@@ -64,7 +65,7 @@ class EWC(Strategy):
         params = named_trainable(ctx.model)
         items = [it for t in tasks for it in t.items(ctx.tokenizer)]
         fisher = diagonal_fisher(ctx.model, ctx.tokenizer, items, params, self.options.fisher_samples,
-                                 ctx.config.train.max_length, seed=ctx.config.seed * 1000 + ctx.phase)
+                                 ctx.config.train.max_length, seed=ctx.phase_seed)
         if self.options.normalize:
             mean = sum(f.sum() for f in fisher.values()) / sum(f.numel() for f in fisher.values())
             fisher = {k: v / mean.clamp(min=torch.finfo(torch.float32).tiny) for k, v in fisher.items()}

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from retain.evaluation.scoring import eval_mode
 from retain.streams.task import Example, Item, Task
+from retain.strategies._memory import rng_state, set_rng_state
 from retain.strategies.base import Context, Strategy, register
 
 _MARK = "\x00"
@@ -72,7 +73,7 @@ class GenerativeReplay(Strategy):
     summary = "LAMOL-style: the model learns to generate each task's examples and replays its own pseudo-examples"
     options_key = "generative_replay"
     Options = GenerativeReplayOptions
-    incompatible = frozenset({"joint"})
+    acts_on_earlier = True
 
     def __init__(self, options=None) -> None:
         super().__init__(options)
@@ -110,7 +111,7 @@ class GenerativeReplay(Strategy):
 
     def before_task(self, ctx: Context, tasks) -> None:
         self.pseudo = []
-        torch.manual_seed(ctx.config.seed * 1000 + ctx.phase)
+        torch.manual_seed(ctx.phase_seed)
         for old in [t for t in ctx.stream.tasks if t.name in self.trained]:
             kept, made = self.sample(ctx, old)
             self._counts[old.name] = {"generated": made, "kept": len(kept)}
@@ -138,8 +139,11 @@ class GenerativeReplay(Strategy):
         return {"pseudo_examples": dict(self._counts)} if self._counts else {}
 
     def state_dict(self) -> dict:
-        return {"trained": list(self.trained), "pseudo": [[i.task, i.prompt, i.target] for i in self.pseudo]}
+        return {"trained": list(self.trained), "pseudo": [[i.task, i.prompt, i.target] for i in self.pseudo],
+                "rng": rng_state(self._rng)}
 
     def load_state_dict(self, ctx: Context, state: dict) -> None:
         self.trained = list(state.get("trained", []))
         self.pseudo = [Item(*row) for row in state.get("pseudo", [])]
+        if "rng" in state:
+            set_rng_state(self._rng, state["rng"])

@@ -39,20 +39,25 @@ class GRPO(Strategy):
     summary = "GRPO with TRL's GRPOTrainer on the task's verifiable reward (the RL baseline for es)"
     options_key = "grpo"
     Options = GRPOOptions
-    incompatible = frozenset({"es", "ewc", "lwf", "distill-replay", "sparse", "rewarm", "mix", "replay", "joint"})
+    # TRL trains the weights the owner made trainable on the phase's own prompts, with its own
+    # optimizer and schedule: every other training hook is refused (see base.refusal).
+    honours = frozenset({"trainable_parameters"})
+    # TRL's trainer runs the phase outside the loop: a kill inside it loses that phase.
+    resumes_mid_phase = False
+    incompatible = {"lora-per-task": "TRL's GRPO trainer works on a PEFT model's one adapter named 'default', "
+                                     "and lora-per-task trains an adapter per task"}
 
     def __init__(self, options: GRPOOptions | None = None) -> None:
         super().__init__(options)
         self._stats: dict = {}
 
-    def setup(self, ctx: Context) -> None:
-        bad = [t.name for t in ctx.stream.tasks if t.metric == "perplexity"]
+    def check(self, config, stream) -> None:
+        bad = [t.name for t in stream.tasks if t.metric == "perplexity"]
         if bad:
             raise ValueError(f"grpo needs tasks with answers to reward; '{bad[0]}' is scored by perplexity")
-        if ctx.config.train.batch_size % self.options.num_generations:
-            raise ValueError(f"train.batch_size ({ctx.config.train.batch_size}) must be a multiple of "
+        if config.train.batch_size % self.options.num_generations:
+            raise ValueError(f"train.batch_size ({config.train.batch_size}) must be a multiple of "
                              f"grpo.num_generations ({self.options.num_generations})")
-        return None
 
     def reward_fn(self):
         o = self.options
@@ -101,7 +106,7 @@ class GRPO(Strategy):
                 output_dir=tmp, max_steps=steps, per_device_train_batch_size=cfg.train.batch_size,
                 num_generations=o.num_generations, max_completion_length=o.max_completion_length,
                 temperature=o.temperature, learning_rate=cfg.train.lr, beta=o.beta, warmup_steps=cfg.train.warmup_steps,
-                max_grad_norm=cfg.train.max_grad_norm or 0.0, seed=cfg.seed * 1000 + ctx.phase,
+                max_grad_norm=cfg.train.max_grad_norm or 0.0, seed=ctx.phase_seed,
                 bf16=cfg.train.precision == "bf16", use_cpu=not ctx.accelerator.device.type == "cuda",
                 use_vllm=False, report_to=[], logging_steps=1, save_strategy="no", disable_tqdm=True,
             )
@@ -114,6 +119,11 @@ class GRPO(Strategy):
                 trainer.train()
             finally:
                 model.config._name_or_path = name_or_path
+                # TRL adds a frozen copy of the adapter as its reference; the next phase's
+                # trainer adds its own, so this one goes.
+                if isinstance(model, PeftModel) and "ref" in model.peft_config:
+                    model.delete_adapter("ref")
+                    model.set_adapter("default")
         self._stats = {"reward_first": rewards[0] if rewards else None,
                        "reward_last": rewards[-1] if rewards else None}
         return True

@@ -148,7 +148,14 @@ class L2P(Strategy):
     options_key = "l2p"
     Options = L2POptions
     owns_parameters = True
-    incompatible = frozenset({"joint"})
+    freezes_earlier = True
+    per_task_phases = True
+
+    def check(self, config, stream) -> None:
+        o, n = self.options, len(stream.tasks)
+        if o.pool_size // n < o.top_n:
+            raise ValueError(f"l2p.pool_size {o.pool_size} gives {o.pool_size // n} prompts per task for "
+                             f"{n} tasks; each task needs at least top_n={o.top_n}")
 
     def setup(self, ctx: Context):
         for p in ctx.model.parameters():
@@ -160,13 +167,16 @@ class L2P(Strategy):
         return ctx.accelerator.unwrap_model(ctx.model)
 
     def before_task(self, ctx: Context, tasks) -> None:
-        self._pool(ctx).training_task = tasks[0].name
-
-    def trainable_parameters(self, ctx: Context):
-        pool, task = self._pool(ctx), self._pool(ctx).training_task
+        # The flags are set here, not in trainable_parameters: strategies later in the stack
+        # (lwf's teacher snapshot) read them in their own before_task.
+        pool = self._pool(ctx)
+        pool.training_task = task = tasks[0].name
         for name in pool.prompt_sets:
             pool.prompt_sets[name].requires_grad = pool.key_sets[name].requires_grad = name == task
-        return [pool.prompt_sets[task], pool.key_sets[task]]
+
+    def trainable_parameters(self, ctx: Context):
+        pool = self._pool(ctx)
+        return [pool.prompt_sets[pool.training_task], pool.key_sets[pool.training_task]]
 
     def extra_loss(self, ctx: Context, batch, outputs, items):
         pool = self._pool(ctx)

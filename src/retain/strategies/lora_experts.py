@@ -171,7 +171,8 @@ class LoraExperts(Strategy):
     options_key = "lora_experts"
     Options = ExpertOptions
     owns_parameters = True
-    incompatible = frozenset({"joint"})
+    freezes_earlier = True
+    per_task_phases = True
 
     def setup(self, ctx: Context):
         for p in ctx.model.parameters():
@@ -197,16 +198,22 @@ class LoraExperts(Strategy):
 
     def before_task(self, ctx: Context, tasks) -> None:
         self._add_task_clusters(ctx, tasks[0])
-        self._mix(ctx).training_task = tasks[0].name
-
-    def trainable_parameters(self, ctx: Context):
         mix = self._mix(ctx)
-        names = [n for n, t in zip(mix.cluster_expert, mix.cluster_task) if t == mix.training_task]
-        names += [UNIVERSAL] if self.options.universal else []
-        keep = {id(p) for n in names for p in mix.expert_parameters(n)}
+        mix.training_task = tasks[0].name
+        # The flags are set here, not in trainable_parameters: strategies later in the stack
+        # (lwf's teacher snapshot) read them in their own before_task.
+        keep = {id(p) for p in self._training(mix)}
         for p in mix.parameters():
             p.requires_grad = id(p) in keep
-        return [p for p in mix.parameters() if id(p) in keep]
+
+    def _training(self, mix: ExpertMixture) -> list[torch.nn.Parameter]:
+        names = [n for n, t in zip(mix.cluster_expert, mix.cluster_task) if t == mix.training_task]
+        names += [UNIVERSAL] if self.options.universal else []
+        return [p for n in names for p in mix.expert_parameters(n)]
+
+    def trainable_parameters(self, ctx: Context):
+        keep = {id(p) for p in self._training(self._mix(ctx))}
+        return [p for p in self._mix(ctx).parameters() if id(p) in keep]
 
     def after_task(self, ctx: Context, tasks) -> None:
         self._mix(ctx).training_task = None

@@ -12,8 +12,7 @@ from contextlib import contextmanager
 
 from retain.routing import TaskRouter
 from retain.strategies.base import Context, Strategy, register
-from retain.strategies.lora import LoraOptions, save_adapter, wrap_with_lora
-from retain.strategies.merge import use_adapter
+from retain.strategies._lora import LoraOptions, save_adapter, use_adapter, wrap_with_lora
 
 
 @register
@@ -23,7 +22,9 @@ class LoraPerTask(Strategy):
     options_key = "lora"
     Options = LoraOptions
     owns_parameters = True
-    incompatible = frozenset({"joint"})
+    freezes_earlier = True
+    scores_per_task = True
+    per_task_phases = True
 
     def __init__(self, options=None) -> None:
         super().__init__(options)

@@ -37,7 +37,8 @@ class LwF(Strategy):
     summary = "Learning without Forgetting: KL to the pre-task model on the new task's inputs (no second model copy)"
     options_key = "lwf"
     Options = LwFOptions
-    incompatible = frozenset({"lora-per-task"})
+    acts_on_earlier = True
+    distils_previous_model = True
 
     def __init__(self, options: LwFOptions | None = None) -> None:
         super().__init__(options)

@@ -11,19 +11,12 @@ results.json -> ``final`` -> ``merge`` holds the scores next to the per-task one
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Literal
-
 from pydantic import BaseModel, ConfigDict, Field
 
+from retain.strategies._lora import TRIMMING, Method, merge_adapters, save_adapter, use_adapter
 from retain.strategies.base import Context, Evaluate, Strategy, register
-from retain.strategies.lora import save_adapter
 
-Method = Literal["linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "magnitude_prune"]
-#: Methods that trim each update to ``density`` first; their weights default to 1 (TIES sums
-#: the elected entries), the others' to 1/T (an average of the task updates).
-TRIMMING = {"ties", "ties_svd", "dare_linear", "dare_ties", "magnitude_prune"}
-
+__all__ = ["Merge", "MergeOptions", "merge_adapters", "use_adapter"]
 
 class MergeOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -34,25 +27,6 @@ class MergeOptions(BaseModel):
                            "magnitude_prune)")
 
 
-def merge_adapters(model, adapters: list[str], weights: list[float], method: str, name: str,
-                   density: float = 0.5) -> None:
-    """Add adapter ``name`` to a PEFT model: ``adapters`` combined by ``method`` (replaces ``name``)."""
-    if name in model.peft_config:
-        model.delete_adapter(name)
-    extra = {"density": density} if method in TRIMMING else {}
-    model.add_weighted_adapter(adapters, weights, name, combination_type=method, **extra)
-
-
-@contextmanager
-def use_adapter(model, name: str):
-    previous = model.active_adapter
-    model.set_adapter(name)
-    try:
-        yield
-    finally:
-        model.set_adapter(previous)
-
-
 @register
 class Merge(Strategy):
     name = "merge"
@@ -61,12 +35,11 @@ class Merge(Strategy):
     Options = MergeOptions
     requires = frozenset({"lora-per-task"})
 
-    def setup(self, ctx: Context):
-        n = len(ctx.stream.tasks)
+    def check(self, config, stream) -> None:
+        n = len(stream.tasks)
         if self.options.weights is not None and len(self.options.weights) != n:
             raise ValueError(f"merge.weights has {len(self.options.weights)} values; the stream has {n} tasks "
-                             f"({', '.join(ctx.stream.task_names)})")
-        return None
+                             f"({', '.join(stream.task_names)})")
 
     def finish(self, ctx: Context, evaluate: Evaluate) -> dict:
         model = ctx.accelerator.unwrap_model(ctx.model)

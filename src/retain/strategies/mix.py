@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from retain.streams.task import Item
 from retain.strategies.base import Context, Strategy, register
-from retain.strategies.replay import mix_batches
+from retain.strategies._memory import mix_batches
 
 
 class MixOptions(BaseModel):

@@ -10,7 +10,6 @@ class Naive(Strategy):
     name = "naive"
     summary = "full fine-tuning of every weight, task after task (the forgetting baseline)"
     owns_parameters = True
-    mid_phase = "none"
 
     def setup(self, ctx: Context):
         ctx.model.requires_grad_(True)

@@ -16,8 +16,7 @@ import torch
 from pydantic import Field
 
 from retain.strategies.base import Context, Strategy, register
-from retain.strategies.lora import LoraOptions, save_adapter, wrap_with_lora
-from retain.strategies.merge import merge_adapters
+from retain.strategies._lora import LoraOptions, merge_adapters, save_adapter, wrap_with_lora
 
 
 class OLoraOptions(LoraOptions):
@@ -43,7 +42,8 @@ class OLora(Strategy):
     options_key = "olora"
     Options = OLoraOptions
     owns_parameters = True
-    incompatible = frozenset({"joint"})
+    freezes_earlier = True
+    per_task_phases = True
 
     def __init__(self, options=None) -> None:
         super().__init__(options)

@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from retain.streams.task import Item
+from retain.strategies._memory import Reservoir, mix_batches, rng_state, set_rng_state
 from retain.strategies._selection import highest_first, k_center_greedy, shuffled
 from retain.strategies.base import Context, Strategy, register
 
@@ -35,38 +36,6 @@ class ReplayOptions(BaseModel):
         if self.budget_tokens is not None and "buffer_size" in self.model_fields_set:
             raise ValueError("give buffer_size (examples) or budget_tokens (tokens), not both")
         return self
-
-
-class Reservoir:
-    """Reservoir sampling: every record offered so far is kept with equal probability."""
-
-    def __init__(self, size: int, seed: str = "replay/0") -> None:
-        self.size = size
-        self.records: list[Any] = []
-        self.seen = 0
-        self.rng = random.Random(seed)
-
-    def offer(self, record: Any) -> Any | None:
-        """Offer a record; returns the record that left memory (or was refused), if any."""
-        self.seen += 1
-        if len(self.records) < self.size:
-            self.records.append(record)
-            return None
-        j = self.rng.randrange(self.seen)
-        if j < self.size:
-            evicted, self.records[j] = self.records[j], record
-            return evicted
-        return record
-
-    def state(self, encode: Callable[[Any], Any]) -> dict:
-        version, internal, gauss = self.rng.getstate()
-        return {"seen": self.seen, "rng": [version, list(internal), gauss], "records": [encode(r) for r in self.records]}
-
-    def load(self, state: dict, decode: Callable[[Any], Any]) -> None:
-        self.seen = state["seen"]
-        version, internal, gauss = state["rng"]
-        self.rng.setstate((version, tuple(internal), gauss))
-        self.records = [decode(r) for r in state["records"]]
 
 
 class TaskMemory:
@@ -114,13 +83,11 @@ class TaskMemory:
         return {task: len(self._prefix(ranked, share)) for task, ranked in self.ranked.items()}
 
     def state(self, encode: Callable[[Any], Any]) -> dict:
-        version, internal, gauss = self.rng.getstate()
-        return {"rng": [version, list(internal), gauss],
+        return {"rng": rng_state(self.rng),
                 "ranked": {task: [encode(r) for r in items] for task, items in self.ranked.items()}}
 
     def load(self, state: dict, decode: Callable[[Any], Any]) -> None:
-        version, internal, gauss = state["rng"]
-        self.rng.setstate((version, tuple(internal), gauss))
+        set_rng_state(self.rng, state["rng"])
         self.ranked = {task: [decode(r) for r in items] for task, items in state["ranked"].items()}
         self._records = None
 
@@ -143,23 +110,13 @@ def rank(policy: Policy, ctx: Context, items: list[Item], limit: int, seed: str)
     return [items[i] for i in highest_first([-lp / max(n, 1) for lp, n in scored])]
 
 
-def mix_batches(batches: Iterator[list[Item]], draw: Callable[[int], list[Item]], ratio: float,
-                fresh: list[Item]) -> Iterator[list[Item]]:
-    """Replace a fraction ``ratio`` of each batch with ``draw(k)``; record the fresh items kept."""
-    for batch in batches:
-        k = round(ratio * len(batch))
-        extra = draw(k) if k else []
-        kept = batch[: len(batch) - len(extra)]
-        fresh.extend(kept)
-        yield kept + extra
-
-
 @register
 class Replay(Strategy):
     name = "replay"
     summary = "reservoir-sampled memory of past examples; a fraction `ratio` of each batch is replayed"
     options_key = "replay"
     Options = ReplayOptions
+    acts_on_earlier = True
 
     def __init__(self, options: ReplayOptions | None = None) -> None:
         super().__init__(options)

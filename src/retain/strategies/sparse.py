@@ -48,7 +48,8 @@ class Sparse(Strategy):
     summary = "only the top-k% most important weights (gradient magnitude or Fisher) update on each task"
     options_key = "sparse"
     Options = SparseOptions
-    incompatible = frozenset({"lora-per-task"})
+    anchors_weights = True
+    needs_loop_optimizer = True
 
     def __init__(self, options: SparseOptions | None = None) -> None:
         super().__init__(options)
@@ -56,15 +57,14 @@ class Sparse(Strategy):
         self._before: dict[str, torch.Tensor] = {}
         self._stats: dict = {}
 
-    def setup(self, ctx: Context):
-        if ctx.config.train.weight_decay:
+    def check(self, config, stream) -> None:
+        if config.train.weight_decay:
             raise ValueError("sparse needs train.weight_decay: 0 (decay would move the frozen entries)")
-        return None
 
     def before_task(self, ctx: Context, tasks) -> None:
         params = named_trainable(ctx.model)
         items = [it for t in tasks for it in t.items(ctx.tokenizer)]
-        cfg, seed = ctx.config.train, ctx.config.seed * 1000 + ctx.phase
+        cfg, seed = ctx.config.train, ctx.phase_seed
         if self.options.importance == "fisher":
             scores = diagonal_fisher(ctx.model, ctx.tokenizer, items, params, self.options.importance_samples,
                                      cfg.max_length, seed)

@@ -146,6 +146,8 @@ def probe_task(limit: int | None = None, path: str | None = None, template: str 
         # As a choice task: every line needs options; the output may be an option's index.
         examples = load_file(path, input_field="input", output_field="output", options_field="options",
                              metric="choice")
+        if not examples:
+            raise RetainError(f"eval.probe_file {path} has no examples")
     else:
         text = resources.files("retain.streams").joinpath("data/probe.jsonl").read_text(encoding="utf-8")
         examples = [Example(rec["input"], rec["output"], tuple(rec["options"]))

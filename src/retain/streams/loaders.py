@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 from typing import Any, Iterable
@@ -27,7 +28,24 @@ def _options(raw: Any, where: str, field: str) -> tuple[str, ...] | None:
             raw = [part.strip() for part in raw.split("|")]
     if not isinstance(raw, (list, tuple)) or len(raw) < 2:
         raise RetainError(f"{where}: field '{field}' must be a list of at least 2 options")
+    nested = next((o for o in raw if isinstance(o, (dict, list)) or o is None), False)
+    if nested is not False:
+        raise RetainError(f"{where}: field '{field}' holds {_kind(nested)}; each option must be a text or a number")
     return tuple(str(o) for o in raw)
+
+
+def _kind(value: Any) -> str:
+    return {dict: "a JSON object", list: "a JSON list", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _text(record: dict[str, Any], name: str, where: str) -> str:
+    """A field's value as text; a nested object or list is a schema the user did not map."""
+    value = record[name]
+    if isinstance(value, (dict, list)):
+        inner = f" (its keys: {', '.join(sorted(value))})" if isinstance(value, dict) else ""
+        raise RetainError(f"{where}: field '{name}' is {_kind(value)}{inner}, not text; point "
+                          f"input_field/output_field at a text field")
+    return str(value)
 
 
 def make_example(
@@ -41,7 +59,7 @@ def make_example(
     for name in required:
         if name not in record or record[name] is None:
             raise RetainError(f"{where}: missing field '{name}' (fields present: {present})")
-    output = str(record[output_field])
+    output = _text(record, output_field, where)
     options = _options(record.get(options_field), where, options_field)
     if metric == "choice":
         if options is None:
@@ -57,34 +75,49 @@ def make_example(
                     f"{where}: output '{output}' is not one of the options {list(options)} "
                     "(nor an option index or letter)"
                 )
-    return Example(input=str(record.get(input_field, "") or ""), output=output, options=options)
+    text = _text(record, input_field, where) if record.get(input_field) is not None else ""
+    return Example(input=text, output=output, options=options)
+
+
+def _read_text(path: Path) -> str:
+    """The whole file as UTF-8; a bad byte is reported with its line, not as a traceback."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise RetainError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[exc.start]:02x}); save the file as "
+                          "UTF-8") from None
 
 
 def _jsonl_records(path: Path) -> Iterable[tuple[str, Any]]:
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                yield f"{path}:{lineno}", json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise RetainError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
+    for lineno, line in enumerate(_read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield f"{path}:{lineno}", json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise RetainError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
 
 
 def _csv_records(path: Path) -> Iterable[tuple[str, Any]]:
-    with path.open(encoding="utf-8", newline="") as fh:
-        reader = csv.DictReader(fh)
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+    try:
         for row in reader:
             if None in row:
                 raise RetainError(f"{path}:{reader.line_num}: more values than header columns")
             yield f"{path}:{reader.line_num}", row
+    except csv.Error as exc:
+        raise RetainError(f"{path}:{reader.line_num}: malformed CSV ({exc})") from None
 
 
 def load_file(path: str | Path, **fields: str) -> list[Example]:
     """Examples of a ``.jsonl``/``.json`` (JSON Lines) or ``.csv`` file."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise RetainError(f"data file not found: {path}")
+    if not path.is_file():
+        raise RetainError(f"data file {path} is not a file (a folder?); give a .jsonl, .json or .csv file")
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
         records = _jsonl_records(path)

@@ -21,10 +21,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from retain.evaluation.scoring import eval_mode, generate
-from retain.es_workers import WorkerPool
 from retain.rewards import FormatPattern, RewardKind, score
-from retain.evolution import apply_update, perturbed_members, unique_parameters, zscore
 from retain.strategies.base import Context, Strategy, register
+from retain.strategies.es.noise import apply_update, perturbed_members, unique_parameters, zscore
+from retain.strategies.es.pools import WorkerPool
 from retain.streams.task import Item
 
 log = logging.getLogger(__name__)
@@ -62,11 +62,10 @@ class ES(Strategy):
     summary = "evolution strategies: seeded in-place perturbations, z-scored rewards, no gradients"
     options_key = "es"
     Options = ESOptions
-    # Their terms act through gradients or the optimizer, which an ES step does not use.
-    incompatible = frozenset({"ewc", "lwf", "distill-replay", "sparse", "rewarm"})
-    # An iteration's members derive from the iterations done (state_dict), the update lives
-    # in the weights: a run can checkpoint and resume between iterations.
-    mid_phase = "step"
+    # An ES iteration perturbs the weights the owner made trainable and scores the loop's
+    # batches (replay mixing included); extra losses and schedules act through gradients and
+    # the optimizer, which an ES step does not use, so stacks with them are refused.
+    honours = frozenset({"trainable_parameters", "batches"})
 
     def __init__(self, options: ESOptions | None = None) -> None:
         super().__init__(options)
@@ -75,16 +74,19 @@ class ES(Strategy):
         self._phase: int | None = None  # the phase _iterations belong to
         self.pool: WorkerPool | None = None
 
-    def setup(self, ctx: Context) -> None:
-        bad = [t.name for t in ctx.stream.tasks if t.metric == "perplexity"]
+    def check(self, config, stream) -> None:
+        bad = [t.name for t in stream.tasks if t.metric == "perplexity"]
         if bad:
             raise ValueError(f"es needs tasks with answers to reward; '{bad[0]}' is scored by perplexity")
+
+    def setup(self, ctx: Context) -> None:
         if self.options.anchor_decay:
             # The base weights to decay toward: one extra copy of the trainable weights.
-            self.anchor = {n: p.detach().clone() for n, p in self._params(ctx)}
+            self.anchor = {n: p.detach().clone() for n, p in self.params(ctx)}
         return None
 
-    def _params(self, ctx: Context) -> list[tuple[str, torch.nn.Parameter]]:
+    def params(self, ctx: Context) -> list[tuple[str, torch.nn.Parameter]]:
+        """The weights an iteration perturbs and updates: the trainable ones, each storage once."""
         return unique_parameters([(n, p) for n, p in ctx.model.named_parameters() if p.requires_grad])
 
     def before_task(self, ctx: Context, tasks) -> None:
@@ -97,12 +99,20 @@ class ES(Strategy):
     def load_state_dict(self, ctx: Context, state: dict) -> None:
         self._phase, self._iterations = state.get("phase"), list(state.get("iterations", []))
 
+    # An iteration's members derive from the iterations done, and the update lives in the
+    # weights: the iterations are all a checkpoint inside a phase needs.
+    phase_state = state_dict
+
+    def load_phase_state(self, ctx: Context, state: dict) -> None:
+        self.load_state_dict(ctx, state)
+
     def after_task(self, ctx: Context, tasks) -> None:
         if self.pool is not None:
             self.pool.close()
             self.pool = None
 
-    def _update(self, params, members, z) -> int:
+    def update(self, params, members, z) -> int:
+        """Apply one iteration's update (the pools' workers call it too); returns entries changed."""
         o = self.options
         return apply_update(params, members, z, o.alpha, o.top_fraction, self.anchor, o.anchor_decay)
 
@@ -132,7 +142,7 @@ class ES(Strategy):
 
     def step(self, ctx: Context, items: list[Item]) -> tuple[float, int]:
         start = time.perf_counter()
-        model, params, o = ctx.model, self._params(ctx), self.options
+        model, params, o = ctx.model, self.params(ctx), self.options
         with eval_mode(model):
             members = self.members(ctx)
             # CUDA cannot be forked, and one member's generation already fills the GPU.
@@ -142,12 +152,12 @@ class ES(Strategy):
             if o.workers > 1 and self.pool is None and not forked_on_gpu:
                 # Started now, at the phase's first iteration: the workers hold this phase's weights.
                 if o.backend == "ray":
-                    from retain.es_ray import RayPool
+                    from retain.strategies.es.pools import RayPool
 
                     self.pool = RayPool(o.workers, ctx.config.resolved(), params, o.ray_address)
                 else:
                     self.pool = WorkerPool(o.workers, lambda its, ms: self.population_rewards(ctx, its, ms, params),
-                                           lambda ms, zs: self._update(params, ms, zs))
+                                           lambda ms, zs: self.update(params, ms, zs))
             if self.pool is not None:
                 rewards, fixes = self.pool.score(items, members)
             else:
@@ -155,7 +165,7 @@ class ES(Strategy):
             z = zscore(rewards)
             if self.pool is not None:
                 self.pool.update(members, z)
-            changed = self._update(params, members, z)
+            changed = self.update(params, members, z)
         mean = sum(rewards) / len(rewards)
         self._iterations.append({"reward_mean": mean, "reward_max": max(rewards), "changed": changed,
                                  "restore_fixes": fixes, "seconds": time.perf_counter() - start})

@@ -10,10 +10,10 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from retain.errors import RetainError
 
@@ -28,18 +28,23 @@ TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 
 
+def _name_rule(what: str, pattern: re.Pattern, chars: str, names: str) -> AfterValidator:
+    def check(value: str) -> str:
+        if not pattern.fullmatch(value):
+            raise ValueError(f"{what} name '{value}' may hold only letters, digits, {chars} and must start "
+                             f"with a letter or digit (it names {names})")
+        return value
+    return AfterValidator(check)
+
+
+TaskName = Annotated[str, _name_rule("task", TASK_NAME, "'-' and '_'", "the task's folders and adapters")]
+RunName = Annotated[str, _name_rule("run", RUN_NAME, "'.', '+', '-' and '_'", "the run's folder")]
+
+
 class TaskSpec(_Strict):
     """One task of a user-defined stream: files (JSONL/CSV) or a Hugging Face dataset."""
 
-    name: str = Field(min_length=1)
-
-    @field_validator("name")
-    @classmethod
-    def _safe_name(cls, value: str) -> str:
-        if not TASK_NAME.fullmatch(value):
-            raise ValueError(f"task name '{value}' may hold only letters, digits, '-' and '_' and must start "
-                             "with a letter or digit (it names the task's folders and adapters)")
-        return value
+    name: TaskName
     train: str | None = None
     test: str | None = None
     dataset: str | None = None
@@ -117,7 +122,7 @@ class RunConfig(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    name: str = Field(min_length=1)
+    name: RunName
     model: str = "smollm2-135m-instruct"
     trust_remote_code: bool = False
     stream: str | None = None
@@ -128,14 +133,6 @@ class RunConfig(BaseModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
-
-    @field_validator("name")
-    @classmethod
-    def _safe_name(cls, value: str) -> str:
-        if not RUN_NAME.fullmatch(value):
-            raise ValueError(f"run name '{value}' may hold only letters, digits, '.', '+', '-' and '_' and must "
-                             "start with a letter or digit (it names the run's folder)")
-        return value
 
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":

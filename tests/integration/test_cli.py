@@ -127,3 +127,29 @@ def test_raw_text_file_task_has_no_answer_prefix(tmp_path):
                     metric="perplexity", output_field="text")
     task = load_task(spec)
     assert task.target(task.test[0].output) == "hello world" and task.test[0].input == ""
+
+
+def test_validate_runs_every_strategy_check_without_loading_the_model(tiny_config, monkeypatch):
+    import retain.loop
+    from retain.config import load_config
+    from retain.errors import RetainError
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(retain.loop, "load_model", no_model)
+    cfg = tiny_config("sp", strategy="sparse", train__weight_decay=0.1)
+    with pytest.raises(RetainError, match="sparse needs train.weight_decay: 0"):
+        retain.loop.prepare(load_config(cfg), __import__("retain.ui").ui.UI(quiet=True))
+    result = runner.invoke(app, ["validate", str(cfg)])
+    assert isinstance(result.exception, RetainError) and "weight_decay" in str(result.exception)
+
+
+def test_list_strategy_prints_options_ranges_and_refusals():
+    result = invoke("list", "ewc")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    for fragment in ("lambda", "100.0", ">= 0", "fisher_samples", "penalty strength", "cannot be combined with",
+                     "es replaces the gradient step"):
+        assert fragment in text, fragment
+    assert "exact | countdown" in " ".join(invoke("list", "es").output.split())

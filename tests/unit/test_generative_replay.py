@@ -66,7 +66,7 @@ def test_pseudo_examples_come_from_generation_and_the_memory_holds_no_raw_exampl
 
     gr = GenerativeReplay(GenerativeReplayOptions(samples_per_task=6))
     gr.trained = ["parity"]
-    ctx = SimpleNamespace(model=Model(), tokenizer=tok, phase=1, config=SimpleNamespace(seed=0),
+    ctx = SimpleNamespace(model=Model(), tokenizer=tok, phase=1, phase_seed=1, config=SimpleNamespace(seed=0),
                           stream=SimpleNamespace(tasks=[task, Task("next", [], [])]))
     gr.before_task(ctx, [ctx.stream.tasks[1]])
     assert gr._counts["parity"] == {"generated": 6, "kept": 2}

@@ -111,3 +111,31 @@ def test_batch_stream_cycles_even_when_the_task_is_smaller_than_a_batch():
     items = [Item("t", str(i), "x") for i in range(3)]
     stream = batch_stream(items, 8, random.Random(0))
     assert [len(next(stream)) for _ in range(3)] == [3, 3, 3]
+
+
+def test_no_optimizer_is_built_for_a_phase_a_strategy_takes_over(tiny_config, tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("an optimizer was built for an ES phase")
+
+    _, ctx, stack, run = _setup(tiny_config(strategy="es", es={"population": 2, "max_new_tokens": 2}), tmp_path)
+    monkeypatch.setattr(torch.optim, "AdamW", refuse)
+    timing = run.train_phase(ctx, stack, [ctx.stream.tasks[0]], 0)
+    assert timing["steps"] == 3
+
+
+def test_the_loop_trains_exactly_what_trainable_parameters_returns(tiny_config, tmp_path):
+    from retain.strategies import Strategy
+
+    class FirstOnly(Strategy):
+        """Returns one tensor while every weight requires grad: only that one may move."""
+        name = "first-only"
+
+        def trainable_parameters(self, ctx):
+            return [next(ctx.model.parameters())]
+
+    _, ctx, stack, run = _setup(tiny_config(), tmp_path)
+    stack.strategies.insert(0, FirstOnly())
+    before = _snapshot(ctx.model)
+    run.train_phase(ctx, stack, [ctx.stream.tasks[0]], 0)
+    changed = [n for n, p in ctx.model.named_parameters() if not torch.equal(p, before[n])]
+    assert changed == [next(iter(before))]

@@ -16,6 +16,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from retain.errors import RetainError
+from retain.streams.task import Metric
 
 
 class _Strict(BaseModel):
@@ -51,13 +52,17 @@ class TaskSpec(_Strict):
     dataset_config: str | None = None
     train_split: str = "train"
     test_split: str = "test"
-    metric: Literal["exact_match", "choice", "perplexity"] = "exact_match"
+    metric: Metric = Field(default="exact_match", description="exact_match | choice (option log-likelihood) | "
+                           "perplexity | rouge_l | sari | edit_similarity | number (the answer's number) | "
+                           "choice_letter (the option letter in a generated answer)")
     input_field: str = "input"
     output_field: str = "output"
     options_field: str = "options"
     format: Literal["plain", "chat"] = "plain"
     template: str = "{input}"
     answer_prefix: str | None = None
+    choice_norm: bool = Field(default=False, description="choice tasks: score by acc_norm (log-likelihood per "
+                              "character of the option, as lm-evaluation-harness) instead of acc")
     max_train: int | None = Field(default=None, ge=1)
     max_test: int | None = Field(default=None, ge=1)
 
@@ -90,10 +95,14 @@ class TrainConfig(_Strict):
 
 class EvalConfig(_Strict):
     batch_size: int = Field(default=32, ge=1)
-    max_test: int | None = Field(default=None, ge=1, description="cap on test examples per task")
+    max_test: int | None = Field(default=None, ge=1, description="cap on test examples per task: a seeded "
+                                 "sample, stratified by label, the same items in every row and run")
+    sample_seed: int = Field(default=0, description="seed of the max_test / probe_max samples (not the run's "
+                             "seed, so runs with different seeds score the same items)")
+    probe_choice_norm: bool = Field(default=False, description="score the probe by acc_norm instead of acc")
     max_new_tokens: int = Field(default=16, ge=1)
     probe: bool = True
-    probe_max: int | None = Field(default=None, ge=1)
+    probe_max: int | None = Field(default=None, ge=1, description="cap on probe items (a seeded sample)")
     probe_file: str | None = Field(default=None, description="your own probe: JSONL/CSV of input, output, options")
     probe_template: str = Field(default="Question: {input}\nAnswer:", description="prompt of each probe item")
 

@@ -34,7 +34,7 @@ from retain.analysis import UpdateTracker
 from retain.config import RunConfig, read_yaml, validate_config
 from retain.errors import RetainError
 from retain.batching import batch_stream, collate
-from retain.evaluation.scoring import score_task, work_units
+from retain.evaluation.scoring import evaluate_task, work_units
 from retain.io import atomic_write_text
 from retain.models import load_model
 from retain.routing import agnostic_evaluation
@@ -77,16 +77,21 @@ class Run:
         total = sum(work_units(t, len(t.test)) for t in tasks)
         scores: list[float] = []
         probe = None
+        details: dict[str, Any] = {}
         with self.ui.bar(total, f"eval {label}") as advance:
             for task in tasks:
                 is_probe = task is stream.probe
                 with route(None if is_probe else task.name):
-                    value = score_task(ctx.model, ctx.tokenizer, task, batch_size=cfg.batch_size,
-                                       max_new_tokens=cfg.max_new_tokens, advance=advance)
+                    result = evaluate_task(ctx.model, ctx.tokenizer, task, batch_size=cfg.batch_size,
+                                           max_new_tokens=cfg.max_new_tokens, advance=advance)
+                details[task.name] = {"value": result.value, "n": result.n, "stderr": result.stderr,
+                                      **result.scores}
                 if is_probe:
-                    probe = value
+                    probe = result.value
                 else:
-                    scores.append(value)
+                    scores.append(result.value)
+        #: The last evaluation's scores with their standard errors, by task ("probe" too).
+        self.details = details
         return scores, probe
 
     # -- training -------------------------------------------------------------------
@@ -301,6 +306,7 @@ def execute(config: RunConfig, *, run_dir: Path | None = None, resume: bool = Fa
     state = run.state
     if state.base is None:
         state.base, state.base_probe = run.evaluate(ctx, stack, "base model")
+        state.evaluations = [{"after": "base", "scores": run.details}]
         run.checkpoint(ctx, stack)
 
     phases = stack.plan(ctx.stream.tasks)
@@ -315,6 +321,7 @@ def execute(config: RunConfig, *, run_dir: Path | None = None, resume: bool = Fa
         timing["eval_s"] = round(time.perf_counter() - eval_start, 3)
         state.R.append(row)
         state.probe.append(probe)
+        state.evaluations.append({"after": timing["tasks"], "scores": run.details})
         if tracker:
             steps_done = sum(t["steps"] for t in state.timings) + timing["steps"]
             # The phase end is scored by the evaluation just done; the tracker only measures dW.

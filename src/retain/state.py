@@ -46,6 +46,9 @@ class RunState:
     #: R[i]: every task's score after phase i; probe[i]: the probe's.
     R: list[list[float]] = field(default_factory=list)
     probe: list[float | None] = field(default_factory=list)
+    #: Every evaluation (base, then one per phase): each task's score, its standard error,
+    #: items scored, and every score computed (acc and acc_norm for choice tasks).
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
     phases: list[list[str]] = field(default_factory=list)
     timings: list[dict[str, Any]] = field(default_factory=list)
     #: Parameters trainable in some phase: the tensors a checkpoint saves.

@@ -7,7 +7,10 @@ the run's own prompt format, adapter routing and batching, on tiny models as on 
 from __future__ import annotations
 
 import contextlib
+import copy
+import inspect
 import math
+from dataclasses import dataclass
 import re
 import string
 from typing import Callable, Iterator, Sequence
@@ -15,7 +18,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from retain.streams.task import Example, Task
+from retain.streams.task import GENERATED, Example, Task
 
 Advance = Callable[[int], None]
 
@@ -51,63 +54,15 @@ def encode_pair(tokenizer, prompt: str, continuation: str, max_length: int | Non
     return p + c, len(c) if p else max(len(c) - 1, 0)
 
 
-@torch.no_grad()
-def continuation_logprobs(
-    model, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int = 32, advance: Advance = _noop
-) -> list[tuple[float, int]]:
-    """Sum of log p(continuation | prompt) and its token count, for each pair."""
-    encoded = [encode_pair(tokenizer, p, c) for p, c in pairs]
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
-    out: list[tuple[float, int]] = [(0.0, 0)] * len(encoded)
-    device, pad = _device(model), tokenizer.pad_token_id
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        width = max(len(encoded[i][0]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            seq = encoded[i][0]
-            ids[row, : len(seq)] = torch.tensor(seq)
-            mask[row, : len(seq)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        logp = F.log_softmax(logits[:, :-1], dim=-1)
-        targets = ids[:, 1:].to(device)
-        tok_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        for row, i in enumerate(idx):
-            seq, n = encoded[i]
-            end = len(seq) - 1
-            out[i] = (tok_logp[row, end - n : end].sum().item(), n)
-        advance(len(idx))
-    return out
-
-
-def choice_predictions(model, tokenizer, task: Task, examples: Sequence[Example], batch_size: int = 32,
-                       advance: Advance = _noop) -> list[int]:
-    """Index of the highest-likelihood option for each example."""
-    pairs, owners = [], []
-    for k, ex in enumerate(examples):
-        prompt = task.prompt(tokenizer, ex)
-        for option in ex.options or ():
-            pairs.append((prompt, task.target(option)))
-            owners.append(k)
-    scores = continuation_logprobs(model, tokenizer, pairs, batch_size, advance)
-    best: list[tuple[float, int]] = [(-math.inf, -1)] * len(examples)
-    counters = [0] * len(examples)
-    for owner, (lp, _) in zip(owners, scores):
-        j = counters[owner]
-        counters[owner] += 1
-        if lp > best[owner][0]:
-            best[owner] = (lp, j)
-    return [j for _, j in best]
-
-
-_PUNCT = re.compile(f"^[{re.escape(string.punctuation)}\\s]+|[{re.escape(string.punctuation)}\\s]+$")
-
-
-def normalize(text: str) -> str:
-    """First line, lower case, outer punctuation and inner runs of spaces removed."""
-    text = text.strip().split("\n", 1)[0].lower()
-    return " ".join(_PUNCT.sub("", text).split())
+def right_pad(encoded: Sequence[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask of sequences padded on the right."""
+    width = max(len(seq) for seq in encoded)
+    ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, seq in enumerate(encoded):
+        ids[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = 1
+    return ids, mask
 
 
 def left_pad(encoded: Sequence[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,6 +74,268 @@ def left_pad(encoded: Sequence[list[int]], pad: int) -> tuple[torch.Tensor, torc
         ids[row, width - len(seq) :] = torch.tensor(seq)
         mask[row, width - len(seq) :] = 1
     return ids, mask
+
+
+def _token_logprobs(logits: torch.Tensor, rows: list[int], cols: list[int], targets: list[int]) -> torch.Tensor:
+    """log p(target) at the given (row, column) positions of a logits tensor: only those
+    positions' rows of the vocabulary are normalized (a logsumexp each)."""
+    picked = logits[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)].float()
+    tgt = torch.tensor(targets, device=logits.device)
+    return picked.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) - picked.logsumexp(-1)
+
+
+@torch.no_grad()
+def continuation_logprobs(
+    model, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int = 32, advance: Advance = _noop
+) -> list[tuple[float, int]]:
+    """Sum of log p(continuation | prompt) and its token count, for each pair.
+
+    For a plain (or PEFT) model the rows are left-padded, so every continuation ends in the
+    last columns and only those columns' logits are computed (``logits_to_keep``). Wrappers
+    that rewrite the input (l2p's soft prompts) get right-padded rows as they expect. Either
+    way only the continuation positions are normalized, never the whole vocabulary at every
+    position."""
+    from retain.embeddings import ModelWrapper
+
+    encoded = [encode_pair(tokenizer, p, c) for p, c in pairs]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(encoded)
+    device, pad = _device(model), tokenizer.pad_token_id
+    lean = not isinstance(model, ModelWrapper)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        seqs = [encoded[i][0] for i in idx]
+        if lean:
+            ids, mask = left_pad(seqs, pad)
+            keep = min(max(encoded[i][1] for i in idx) + 1, ids.shape[1])
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                           position_ids=positions.to(device), logits_to_keep=keep).logits
+            offset = ids.shape[1] - keep  # column of logits[:, 0] in the padded rows
+            ends = [ids.shape[1]] * len(idx)
+        else:
+            ids, mask = right_pad(seqs, pad)
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            offset, ends = 0, [len(s) for s in seqs]
+        rows, cols, targets, owner = [], [], [], []
+        for row, i in enumerate(idx):
+            n = encoded[i][1]
+            for col in range(ends[row] - n, ends[row]):  # the token at col is predicted at col - 1
+                rows.append(row)
+                cols.append(col - 1 - offset)
+                targets.append(int(ids[row, col]))
+                owner.append(row)
+        sums = torch.zeros(len(idx))
+        if rows:
+            sums.index_add_(0, torch.tensor(owner), _token_logprobs(logits, rows, cols, targets).cpu())
+        for row, i in enumerate(idx):
+            out[i] = (float(sums[row]), encoded[i][1])
+        advance(len(idx))
+    return out
+
+
+def prefix_cache_ok(model, prompts: Sequence[list[int]]) -> bool:
+    """Whether the prompt's cached state can stand in for re-reading it with each option.
+
+    Not for wrappers that rewrite the input sequence or route on the whole of it (l2p's
+    prompt pool, LoRA experts): they score each option as a full sequence, as before."""
+    from retain.embeddings import ModelWrapper
+
+    return not isinstance(model, ModelWrapper) and all(prompts)
+
+
+def _cache_keyword() -> str:
+    """transformers 5 calls the key/value cache ``cache`` (``past_key_values`` before)."""
+    from transformers import LlamaForCausalLM
+
+    return "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+
+
+CACHE = _cache_keyword()
+
+
+@torch.no_grad()
+def shared_prefix_logliks(model, prompts: Sequence[list[int]], options: Sequence[Sequence[list[int]]], pad: int,
+                          batch_size: int = 32, advance: Advance = _noop) -> list[list[float]]:
+    """Sum of log p(option | prompt) for every option of every prompt, each prompt encoded once.
+
+    Up to ``batch_size`` prompts of similar length run together, left-padded, keeping only
+    the last position's logits: when every option is one token that is the whole answer.
+    Otherwise the options run as short continuations over the prompts' key/value cache,
+    ``batch_size`` option rows at a time, each row attending to its own prompt's cache.
+    Only option positions are normalized (a logsumexp each), never the vocabulary at every
+    position of the prompt."""
+    device = _device(model)
+    out: list[list[float]] = [[] for _ in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        single = all(len(o) == 1 for i in idx for o in options[i])
+        ids, mask = left_pad([prompts[i] for i in idx], pad)
+        ids, mask = ids.to(device), mask.to(device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        res = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=not single,
+                    logits_to_keep=1)
+        first = torch.log_softmax(res.logits[:, -1].float(), dim=-1)
+        rest = [[0.0] * len(options[i]) for i in idx]
+        if not single:
+            rest = _packed_continuations(model, getattr(res, CACHE), mask, [options[i] for i in idx], pad)
+        for r, i in enumerate(idx):
+            out[i] = [float(first[r, o[0]]) + rest[r][j] if o else 0.0 for j, o in enumerate(options[i])]
+        advance(sum(len(options[i]) for i in idx))
+    return out
+
+
+def _packed_continuations(model, cache, prompt_mask: torch.Tensor, options: list[Sequence[list[int]]],
+                          pad: int) -> list[list[float]]:
+    """log p(tokens 2.. of each option | its prompt, token 1) for a batch of prompts in one pass.
+
+    Each row holds all its prompt's options one after another (every token but the last of
+    each), with a 4-D attention mask by which each option sees the prompt's cache and its
+    own earlier tokens only, and positions that restart after the prompt for each option:
+    the prompt's keys and values are never copied."""
+    device = prompt_mask.device
+    segments = [[o[:-1] for o in opts] for opts in options]
+    width = max(sum(len(seg) for seg in row) for row in segments)
+    if width == 0:
+        return [[0.0] * len(opts) for opts in options]
+    batch, plen = prompt_mask.shape
+    ids = torch.full((batch, width), pad, dtype=torch.long, device=device)
+    positions = torch.zeros((batch, width), dtype=torch.long, device=device)
+    allowed = torch.zeros((batch, width, plen + width), dtype=torch.bool, device=device)
+    allowed[:, :, :plen] = prompt_mask.bool().unsqueeze(1)
+    start_of = prompt_mask.sum(-1)
+    targets = []  # (row, column, token predicted there, option)
+    for r, row in enumerate(segments):
+        col = 0
+        for j, seg in enumerate(row):
+            for t, token in enumerate(seg):
+                ids[r, col + t] = token
+                positions[r, col + t] = start_of[r] + t
+                allowed[r, col + t, plen + col: plen + col + t + 1] = True
+                targets.append((r, col + t, options[r][j][t + 1], j))
+            col += len(seg)
+        allowed[r, col:, plen + col:] = torch.eye(width - col, dtype=torch.bool, device=device)  # padding
+    dtype = next(model.parameters()).dtype
+    mask4d = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+    logits = model(input_ids=ids, attention_mask=mask4d.unsqueeze(1), position_ids=positions, use_cache=False,
+                   **{CACHE: cache}).logits
+    out = [[0.0] * len(opts) for opts in options]
+    if targets:
+        logp = _token_logprobs(logits, [t[0] for t in targets], [t[1] for t in targets],
+                               [t[2] for t in targets]).tolist()
+        for (r, _, _, j), value in zip(targets, logp):
+            out[r][j] += value
+    return out
+
+
+def choice_logliks(model, tokenizer, task: Task, examples: Sequence[Example], batch_size: int = 32,
+                   advance: Advance = _noop, shared_prefix: bool | None = None) -> list[list[float]]:
+    """Log-likelihood of each option of each example (the answer as the task renders it).
+
+    ``shared_prefix``: encode each prompt once for all its options (None: wherever the
+    model allows it, see ``prefix_cache_ok``); False scores each option as a whole sequence."""
+    prompts = [tokenizer(task.prompt(tokenizer, ex), add_special_tokens=True)["input_ids"] for ex in examples]
+    if shared_prefix is None:
+        shared_prefix = prefix_cache_ok(model, prompts)
+    if shared_prefix:
+        options = [[tokenizer(task.target(o), add_special_tokens=False)["input_ids"] for o in ex.options or ()]
+                   for ex in examples]
+        return shared_prefix_logliks(model, prompts, options, tokenizer.pad_token_id, batch_size, advance)
+    pairs, owners = [], []
+    for k, ex in enumerate(examples):
+        prompt = task.prompt(tokenizer, ex)
+        for option in ex.options or ():
+            pairs.append((prompt, task.target(option)))
+            owners.append(k)
+    out: list[list[float]] = [[] for _ in examples]
+    for owner, (lp, _) in zip(owners, continuation_logprobs(model, tokenizer, pairs, batch_size, advance)):
+        out[owner].append(lp)
+    return out
+
+
+def argmax(values: Sequence[float]) -> int:
+    """The first index of the largest value (ties go to the earlier option, as numpy's)."""
+    return max(range(len(values)), key=lambda j: (values[j], -j))
+
+
+def choice_predictions(model, tokenizer, task: Task, examples: Sequence[Example], batch_size: int = 32,
+                       advance: Advance = _noop, normalize_length: bool = False) -> list[int]:
+    """Index of the best option for each example: by log-likelihood (lm-evaluation-harness's
+    ``acc``), or by log-likelihood per character of the option (its ``acc_norm``)."""
+    logliks = choice_logliks(model, tokenizer, task, examples, batch_size, advance)
+    return [pick(lls, ex.options, normalize_length) for lls, ex in zip(logliks, examples)]
+
+
+def pick(logliks: Sequence[float], options: Sequence[str], normalize_length: bool = False) -> int:
+    """The chosen option: highest log-likelihood, or highest per character of the option's
+    text (``acc_norm``: the harness divides by ``len(choice)``, the option without the
+    space before it)."""
+    if normalize_length:
+        return argmax([lp / max(len(o), 1) for lp, o in zip(logliks, options)])
+    return argmax(logliks)
+
+
+@dataclass
+class TaskScore:
+    """A task's score and what stands behind it."""
+
+    #: The score R records: accuracy in percent (``acc``, or ``acc_norm`` for tasks scored
+    #: that way), or perplexity.
+    value: float
+    #: Test items scored.
+    n: int
+    #: Standard error of ``value`` in points: sample standard deviation of the per-item
+    #: scores over sqrt(n), as lm-evaluation-harness reports it; None for perplexity.
+    stderr: float | None
+    #: Every score computed (``acc`` and ``acc_norm`` for choice tasks).
+    scores: dict[str, float]
+
+
+def item_score(metric: str, answer: str, example: Example) -> float:
+    """One generated answer's score in points (100 right, 0 wrong, or a similarity)."""
+    from retain.evaluation import text_metrics as tm
+
+    if metric == "exact_match":
+        return 100.0 * (normalize(answer) == normalize(example.output))
+    if metric == "rouge_l":
+        return tm.rouge_l(answer, example.output)
+    if metric == "sari":
+        return tm.sari(example.input, answer, [example.output])
+    if metric == "edit_similarity":
+        # The reference line as a model should write it: the first line, without the outer spaces.
+        return tm.edit_similarity(answer.strip().split("\n", 1)[0], example.output.strip())
+    if metric == "number":
+        return 100.0 * tm.numbers_match(answer, example.output)
+    if metric == "choice_letter":
+        return 100.0 * tm.choices_match(answer, example.output)
+    raise ValueError(f"no per-item score for metric '{metric}'")
+
+
+def mean_stderr(values: Sequence[float]) -> float | None:
+    """Sample standard deviation over sqrt(n): lm-evaluation-harness's standard error of a mean."""
+    n = len(values)
+    if n < 2:
+        return None
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+
+
+def binomial_stderr(hits: int, n: int) -> float | None:
+    """Standard error, in points, of an accuracy of ``hits``/``n`` (sample std / sqrt(n))."""
+    if n < 2:
+        return None
+    p = hits / n
+    return 100.0 * math.sqrt(p * (1 - p) / (n - 1))
+
+
+_PUNCT = re.compile(f"^[{re.escape(string.punctuation)}\\s]+|[{re.escape(string.punctuation)}\\s]+$")
+
+
+def normalize(text: str) -> str:
+    """First line, lower case, outer punctuation and inner runs of spaces removed."""
+    text = text.strip().split("\n", 1)[0].lower()
+    return " ".join(_PUNCT.sub("", text).split())
 
 
 @torch.no_grad()
@@ -144,25 +361,40 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 16,
     return answers
 
 
-def score_task(model, tokenizer, task: Task, examples: Sequence[Example] | None = None, *, batch_size: int = 32,
-               max_new_tokens: int = 16, advance: Advance = _noop) -> float:
-    """The task's score: accuracy in percent, or perplexity for ``perplexity`` tasks."""
+def evaluate_task(model, tokenizer, task: Task, examples: Sequence[Example] | None = None, *, batch_size: int = 32,
+                  max_new_tokens: int = 16, advance: Advance = _noop) -> TaskScore:
+    """The task's score with its standard error (and, for choice tasks, both acc and acc_norm)."""
     examples = list(task.test if examples is None else examples)
     if not examples:
-        return float("nan")
+        return TaskScore(float("nan"), 0, None, {})
+    n = len(examples)
     with eval_mode(model):
         if task.metric == "choice":
-            preds = choice_predictions(model, tokenizer, task, examples, batch_size, advance)
-            return 100.0 * sum(p == ex.answer_index for p, ex in zip(preds, examples)) / len(examples)
-        if task.metric == "exact_match":
+            logliks = choice_logliks(model, tokenizer, task, examples, batch_size, advance)
+            gold = [ex.answer_index for ex in examples]
+            hits = {key: sum(pick(lls, ex.options, key == "acc_norm") == g
+                             for lls, ex, g in zip(logliks, examples, gold)) for key in ("acc", "acc_norm")}
+            key = "acc_norm" if task.choice_norm else "acc"
+            return TaskScore(100.0 * hits[key] / n, n, binomial_stderr(hits[key], n),
+                             {k: 100.0 * v / n for k, v in hits.items()})
+        if task.metric in GENERATED:
             prompts = [task.prompt(tokenizer, ex) for ex in examples]
             answers = generate(model, tokenizer, prompts, max_new_tokens, batch_size, advance)
-            hits = sum(normalize(a) == normalize(ex.output) for a, ex in zip(answers, examples))
-            return 100.0 * hits / len(examples)
+            values = [item_score(task.metric, a, ex) for a, ex in zip(answers, examples)]
+            mean = sum(values) / n
+            return TaskScore(mean, n, mean_stderr(values), {task.metric: mean})
         pairs = [(task.prompt(tokenizer, ex) if ex.input else "", task.target(ex.output)) for ex in examples]
         scores = continuation_logprobs(model, tokenizer, pairs, batch_size, advance)
         nll, count = -sum(s for s, _ in scores), sum(n for _, n in scores)
-        return math.exp(nll / max(count, 1))
+        ppl = math.exp(nll / max(count, 1))
+        return TaskScore(ppl, n, None, {"perplexity": ppl})
+
+
+def score_task(model, tokenizer, task: Task, examples: Sequence[Example] | None = None, *, batch_size: int = 32,
+               max_new_tokens: int = 16, advance: Advance = _noop) -> float:
+    """The task's score: accuracy in percent, or perplexity for ``perplexity`` tasks."""
+    return evaluate_task(model, tokenizer, task, examples, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                         advance=advance).value
 
 
 def work_units(task: Task, n_examples: int) -> int:

@@ -41,6 +41,11 @@ def build_results(config, stream, state: dict[str, Any]) -> dict[str, Any]:
             "retention": _r(100.0 * final / base_probe) if final is not None and base_probe else None,
         }
     timings = state.get("timings", [])
+    evaluations = state.get("evaluations") or []
+    names = stream.task_names
+
+    def stderr_row(scores: dict) -> list:
+        return [_r(scores.get(n, {}).get("stderr")) for n in names]
     tokens = sum(t["tokens"] for t in timings)
     train_s = sum(t["train_s"] for t in timings)
     return {
@@ -58,6 +63,15 @@ def build_results(config, stream, state: dict[str, Any]) -> dict[str, Any]:
         "R": R,
         "base": base,
         "metrics": {k: _r(v) for k, v in metrics.items()},
+        # Standard errors (points) of R and b; every evaluation's acc / acc_norm per task.
+        "R_stderr": [stderr_row(e["scores"]) for e in evaluations[1:]],
+        "base_stderr": stderr_row(evaluations[0]["scores"]) if evaluations else None,
+        "task_scoring": {t.name: ("acc_norm" if t.choice_norm else "acc") if t.metric == "choice" else t.metric
+                         for t in stream.tasks},
+        "evaluations": evaluations,
+        # Which test items a capped split kept (seeded, stratified by label).
+        "eval_samples": {t.name: t.sample.to_dict() for t in
+                         stream.tasks + ([stream.probe] if stream.probe else []) if t.sample is not None},
         "probe": probe,
         "timings": timings,
         "strategy_stats": state.get("strategy_stats", []),

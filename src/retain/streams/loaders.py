@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from retain.errors import RetainError
+from retain.streams.sampling import seeded_sample
 from retain.streams.task import Example, Task
 
 _LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -49,9 +50,12 @@ def _text(record: dict[str, Any], name: str, where: str) -> str:
 
 
 def make_example(
-    record: dict[str, Any], where: str, *, input_field: str, output_field: str, options_field: str, metric: str
+    record: dict[str, Any], where: str, *, input_field: str, output_field: str, options_field: str, metric: str,
+    labels_field: str = "option_labels",
 ) -> Example:
-    """Build an Example; for ``choice`` the output may also be an option index or letter."""
+    """Build an Example; for ``choice`` the output may also be one of the item's own option
+    labels (ARC's ``answerKey`` among ``option_labels`` "A".."E" or "1".."4"), an option
+    index or a letter."""
     if not isinstance(record, dict):
         raise RetainError(f"{where}: expected an object with fields, got {type(record).__name__}")
     present = ", ".join(sorted(record)) or "none"
@@ -64,9 +68,14 @@ def make_example(
     if metric == "choice":
         if options is None:
             raise RetainError(f"{where}: metric 'choice' needs an options list in field '{options_field}'")
+        labels = _options(record.get(labels_field), where, labels_field)
+        if labels is not None and len(labels) != len(options):
+            raise RetainError(f"{where}: field '{labels_field}' has {len(labels)} labels for {len(options)} options")
         if output not in options:
             key = output.strip()
-            if key.isdigit() and int(key) < len(options):
+            if labels is not None and key in labels:
+                output = options[labels.index(key)]
+            elif key.isdigit() and int(key) < len(options):
                 output = options[int(key)]
             elif len(key) == 1 and key.upper() in _LETTERS[: len(options)]:
                 output = options[_LETTERS.index(key.upper())]
@@ -162,13 +171,20 @@ def load_task(spec) -> Task:
     for examples, source, split in ((train, sources[0], "train"), (test, sources[1], "test")):
         if not examples:
             raise RetainError(f"task '{spec.name}': {split} data {source} has no examples")
+    sample = None
+    if spec.max_train:
+        train, _ = seeded_sample(train, spec.max_train, f"{spec.name}/train")
+    if spec.max_test:
+        test, sample = seeded_sample(test, spec.max_test, f"{spec.name}/test")
     return Task(
         name=spec.name,
-        train=train[: spec.max_train] if spec.max_train else train,
-        test=test[: spec.max_test] if spec.max_test else test,
+        train=train,
+        test=test,
+        sample=sample,
         metric=spec.metric,
         format=spec.format,
         template=spec.template,
         # Raw text (perplexity) is scored as written, with no space before it.
+        choice_norm=spec.choice_norm,
         answer_prefix=spec.answer_prefix if spec.answer_prefix is not None else ("" if spec.metric == "perplexity" else None),
     )

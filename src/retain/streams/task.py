@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-Metric = Literal["exact_match", "choice", "perplexity"]
+if TYPE_CHECKING:
+    from retain.streams.sampling import Sample
+
+Metric = Literal["exact_match", "choice", "perplexity", "rouge_l", "sari", "edit_similarity", "number",
+                 "choice_letter"]
+#: Metrics scored on generated answers, per item, on a 0-100 scale (see evaluation.text_metrics).
+GENERATED = ("exact_match", "rouge_l", "sari", "edit_similarity", "number", "choice_letter")
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,10 @@ class Task:
     format: Literal["plain", "chat"] = "plain"
     template: str = "{input}"
     answer_prefix: str | None = None
+    #: Which test items a cap kept (``eval.max_test``, a task's ``max_test``); None: all.
+    sample: "Sample | None" = None
+    #: choice tasks: R records acc_norm (log-likelihood per character of the option) instead of acc.
+    choice_norm: bool = False
 
     @property
     def prefix(self) -> str:

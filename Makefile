@@ -35,6 +35,8 @@ benchmarks: setup
 	$(PY) benchmarks/stream.py --suite architecture
 	$(PY) benchmarks/stream.py --suite replay-budget
 	$(PY) benchmarks/es.py
+	$(PY) benchmarks/checkpoint.py
+	$(PY) benchmarks/eval_speed.py   # needs ../shared/data (or --data DIR)
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info

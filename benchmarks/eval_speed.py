@@ -108,6 +108,11 @@ def _child(kind: str, model_spec: str, data: str, items: int, batch_size: int, q
             opt.step()
             opt.zero_grad()
         result = {"steps": 10}
+    elif kind == "harness":
+        from retain.evaluation import harness
+
+        result = harness.evaluate(model, tok, [harness.PREFIX + t.name for t in tasks], {t.name: t for t in tasks},
+                                  batch_size=batch_size)
     else:
         result = {}
         with eval_mode(model):
@@ -164,7 +169,21 @@ def summarize(data: dict, tasks) -> str:
               f"| landed scorer | {p['landed']['seconds']} | {p['landed']['peak_rss_mb']} |",
               f"| shared-prefix scorer | {p['retain']['seconds']} | {p['retain']['peak_rss_mb']} |",
               f"| LoRA training, 10 steps of batch 8 (the training peak) | {p['train']['seconds']} | "
-              f"{p['train']['peak_rss_mb']} |", "",
+              f"{p['train']['peak_rss_mb']} |"]
+    if "harness" in p:
+        h = p["harness"]
+        lines[-1:-1] = [f"| lm-evaluation-harness (HFLM, the same requests) | {h['seconds']} | {h['peak_rss_mb']} |"]
+        lines += ["", "| task | retain acc | lm-eval acc | retain acc_norm | lm-eval acc_norm |", "|---|---|---|---|---|"]
+        for t in tasks:
+            ours = new[t.name]
+            gold = [ex.answer_index for ex in t.test]
+            acc = 100 * sum(pick(x, ex.options) == g for x, ex, g in zip(ours, t.test, gold)) / len(gold)
+            norm = 100 * sum(pick(x, ex.options, True) == g for x, ex, g in zip(ours, t.test, gold)) / len(gold)
+            theirs = h["result"][f"retain_{t.name}"]
+            lines.append(f"| {t.name} | {acc:.1f} | {theirs['acc']:.1f} | {norm:.1f} | {theirs['acc_norm']:.1f} |")
+        lines += ["", f"retain's scorer against lm-eval on the same requests: {h['seconds'] / p['retain']['seconds']:.1f}x "
+                  "faster."]
+    lines += ["",
               f"Speed-up: {p['landed']['seconds'] / p['retain']['seconds']:.1f}x; every prediction equal: "
               f"{'yes' if all_equal else 'no'}."]
     return "\n".join(lines) + "\n"
@@ -185,7 +204,7 @@ def main() -> None:
         data = {"model": args.model, "items": args.items, "batch_size": args.batch_size, "parts": {}}
     from retain.io import atomic_write_json
 
-    for kind in ("retain", "landed", "train"):
+    for kind in ("retain", "landed", "train", "harness"):
         if kind not in data["parts"]:
             print(f"measuring {kind} ...", flush=True)
             data["parts"][kind] = measure(kind, args)

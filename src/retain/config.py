@@ -93,6 +93,15 @@ class TrainConfig(_Strict):
                                   "steps); 0: at task ends only")
 
 
+class HarnessConfig(_Strict):
+    """lm-evaluation-harness on the live model after every phase (``retain[harness]``)."""
+
+    tasks: list[str] = Field(min_length=1, description="lm-eval task names: retain_<task> / retain_probe (this "
+                             "run's choice tasks as lm-eval tasks), or tasks under include_path")
+    include_path: str | None = Field(default=None, description="a folder of your own lm-eval task YAMLs (local data)")
+    limit: int | None = Field(default=None, ge=1, description="items per task (lm-eval's --limit)")
+
+
 class EvalConfig(_Strict):
     batch_size: int = Field(default=32, ge=1)
     max_test: int | None = Field(default=None, ge=1, description="cap on test examples per task: a seeded "
@@ -100,6 +109,7 @@ class EvalConfig(_Strict):
     sample_seed: int = Field(default=0, description="seed of the max_test / probe_max samples (not the run's "
                              "seed, so runs with different seeds score the same items)")
     probe_choice_norm: bool = Field(default=False, description="score the probe by acc_norm instead of acc")
+    harness: HarnessConfig | None = Field(default=None, description="also score with lm-evaluation-harness")
     max_new_tokens: int = Field(default=16, ge=1)
     probe: bool = True
     probe_max: int | None = Field(default=None, ge=1, description="cap on probe items (a seeded sample)")

@@ -90,9 +90,24 @@ class Run:
                     probe = result.value
                 else:
                     scores.append(result.value)
-        #: The last evaluation's scores with their standard errors, by task ("probe" too).
+        harness, self.harness = self.config.eval.harness, None
+        if harness is not None:
+            from retain.evaluation import harness as lm_harness
+
+            by_name = {t.name: t for t in tasks}
+            self.ui.info(f"  lm-eval: {', '.join(harness.tasks)} ({label})")
+            with route(None):
+                self.harness = lm_harness.evaluate(
+                    ctx.accelerator.unwrap_model(ctx.model), ctx.tokenizer, harness.tasks, by_name,
+                    harness.include_path, cfg.batch_size, harness.limit)
+        #: The last evaluation's scores with their standard errors, by task ("probe" too),
+        #: and lm-eval's (``self.harness``) when ``eval.harness`` asks for them.
         self.details = details
         return scores, probe
+
+    def evaluation_record(self, after: Any) -> dict[str, Any]:
+        record = {"after": after, "scores": self.details}
+        return {**record, "harness": self.harness} if self.harness is not None else record
 
     # -- training -------------------------------------------------------------------
     def train_phase(self, ctx: Context, stack: StrategyStack, tasks: list[Task], phase: int) -> dict[str, Any]:
@@ -242,7 +257,24 @@ def check_run(config: RunConfig) -> tuple[Stream, StrategyStack]:
         stack.check(config, stream)
     except ValueError as exc:
         raise RetainError(f"strategy '{stack.name}': {exc}") from None
+    if config.eval.harness is not None:
+        check_harness(config, stream, stack)
     return stream, stack
+
+
+def check_harness(config: RunConfig, stream: Stream, stack: StrategyStack) -> None:
+    from retain.evaluation.harness import PREFIX, require_lm_eval
+
+    require_lm_eval()
+    wrapping = [s.name for s in stack.strategies if s.rewrites_input]
+    if wrapping:
+        raise RetainError(f"eval.harness: {wrapping[0]} rewrites the model's input (a wrapper lm-eval's HFLM "
+                          "cannot call); score it with retain's own evaluation")
+    scorable = {t.name: t for t in stream.tasks + ([stream.probe] if stream.probe else []) if t.metric == "choice"}
+    for name in config.eval.harness.tasks:
+        if name.startswith(PREFIX) and name[len(PREFIX):] not in scorable:
+            raise RetainError(f"eval.harness.tasks: '{name}' names no choice task of this run; valid: "
+                              + (", ".join(PREFIX + n for n in scorable) or "none"))
 
 
 def prepare(config: RunConfig, ui: UI) -> tuple[Context, StrategyStack]:
@@ -306,7 +338,7 @@ def execute(config: RunConfig, *, run_dir: Path | None = None, resume: bool = Fa
     state = run.state
     if state.base is None:
         state.base, state.base_probe = run.evaluate(ctx, stack, "base model")
-        state.evaluations = [{"after": "base", "scores": run.details}]
+        state.evaluations = [run.evaluation_record("base")]
         run.checkpoint(ctx, stack)
 
     phases = stack.plan(ctx.stream.tasks)
@@ -321,7 +353,7 @@ def execute(config: RunConfig, *, run_dir: Path | None = None, resume: bool = Fa
         timing["eval_s"] = round(time.perf_counter() - eval_start, 3)
         state.R.append(row)
         state.probe.append(probe)
-        state.evaluations.append({"after": timing["tasks"], "scores": run.details})
+        state.evaluations.append(run.evaluation_record(timing["tasks"]))
         if tracker:
             steps_done = sum(t["steps"] for t in state.timings) + timing["steps"]
             # The phase end is scored by the evaluation just done; the tracker only measures dW.

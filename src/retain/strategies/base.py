@@ -87,6 +87,9 @@ class Strategy:
     #: Keeps the model's outputs close to the model before the task (distillation): pointless
     #: when each task is scored through parameters of its own.
     distils_previous_model: ClassVar[bool] = False
+    #: Wraps the model in a module that rewrites its input (soft prompts, routing on the whole
+    #: sequence): scored option by option, and not handed to lm-eval.
+    rewrites_input: ClassVar[bool] = False
     #: Relies on the loop's own AdamW step (gradient masks with weight decay 0).
     needs_loop_optimizer: ClassVar[bool] = False
     #: Names of strategies this one cannot be combined with, with the reason.

@@ -149,6 +149,7 @@ class L2P(Strategy):
     Options = L2POptions
     owns_parameters = True
     freezes_earlier = True
+    rewrites_input = True
     per_task_phases = True
 
     def check(self, config, stream) -> None:

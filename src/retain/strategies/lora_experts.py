@@ -172,6 +172,7 @@ class LoraExperts(Strategy):
     Options = ExpertOptions
     owns_parameters = True
     freezes_earlier = True
+    rewrites_input = True
     per_task_phases = True
 
     def setup(self, ctx: Context):

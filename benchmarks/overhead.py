@@ -21,7 +21,6 @@ from common import machine, write
 from retain.config import validate_config
 from retain.loop import Run, prepare
 from retain.models import load_model
-from retain.streams import builtin_stream
 from retain.ui import UI
 
 

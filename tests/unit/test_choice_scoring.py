@@ -7,7 +7,6 @@ import math
 import random
 
 import pytest
-import torch
 
 from retain.evaluation.scoring import (binomial_stderr, choice_logliks, continuation_logprobs, evaluate_task, pick,
                                        shared_prefix_logliks)

@@ -1,6 +1,5 @@
 """L2P: key-query selection, soft prompts inserted where callers do not see them, isolation."""
 
-import copy
 
 import pytest
 import torch

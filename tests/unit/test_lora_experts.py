@@ -1,6 +1,5 @@
 """Mixture of LoRA experts: k-means, routing of clustered inputs, frozen old experts."""
 
-import pytest
 import torch
 
 from retain.strategies.lora_experts import ExpertMixture, ExpertOptions, kmeans

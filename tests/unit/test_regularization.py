@@ -10,7 +10,6 @@ from retain.errors import RetainError
 from retain.loop import Run, prepare
 from retain.strategies._importance import diagonal_fisher, named_trainable
 from retain.strategies.distill_replay import top_k_targets
-from retain.strategies.ewc import EWC, EWCOptions
 from retain.strategies.rewarm import rewarm_factor
 from retain.strategies.sparse import top_percent_masks
 from retain.ui import UI

@@ -2,7 +2,6 @@
 
 import random
 
-import pytest
 import torch
 
 from retain.config import load_config

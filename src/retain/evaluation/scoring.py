@@ -7,7 +7,6 @@ the run's own prompt format, adapter routing and batching, on tiny models as on 
 from __future__ import annotations
 
 import contextlib
-import copy
 import inspect
 import math
 from dataclasses import dataclass
@@ -16,7 +15,6 @@ import string
 from typing import Callable, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from retain.streams.task import GENERATED, Example, Task
 

@@ -38,3 +38,23 @@ def test_embedded_model_loads_caches_and_runs_a_short_stream(tmp_path):
     assert results["probe"]["base"] == 100.0  # the probe holds facts this model answers right
     saved = json.loads((tmp_path / "smoke" / "results.json").read_text())
     assert saved["metrics"] == results["metrics"]
+
+
+def test_shared_prefix_scoring_equals_whole_sequences_on_the_embedded_model():
+    from retain.evaluation.scoring import choice_logliks, eval_mode, pick
+    from retain.streams import probe_task
+    from retain.streams.task import Example, Task
+
+    model, tok = load_model("smollm2-135m-instruct")
+    probe = probe_task(24)
+    labels = ["World", "Sports", "Business", "Science and technology"]
+    news = Task("news", [], [Example(f"Classify: headline number {i} about markets and games", labels[i % 4],
+                                     tuple(labels)) for i in range(8)], metric="choice", template="{input}\nLabel:")
+    with eval_mode(model):
+        for task in (probe, news):
+            new = choice_logliks(model, tok, task, task.test, 8)
+            old = choice_logliks(model, tok, task, task.test, 8, shared_prefix=False)
+            for a, b, ex in zip(new, old, task.test):
+                assert max(abs(x - y) for x, y in zip(a, b)) < 1e-3
+                assert pick(a, ex.options) == pick(b, ex.options)
+                assert pick(a, ex.options, True) == pick(b, ex.options, True)

@@ -162,7 +162,8 @@ class Run:
             def on_step(loss: float, n_tokens: int) -> None:
                 step = progress.step + 1
                 if not math.isfinite(loss):
-                    last = f"step {progress.step}" if every and progress.step >= every else "its start"
+                    saved = (progress.step // every) * every if every else 0
+                    last = f"step {saved}" if saved else "its start"
                     raise RetainError(
                         f"phase {phase + 1} ({label}): the loss became {loss} at step {step}; the run stopped "
                         f"and its checkpoint (phase {phase + 1} at {last}) resumes with `retain run --resume "

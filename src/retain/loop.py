@@ -56,6 +56,7 @@ class Run:
     def __init__(self, config: RunConfig, run_dir: Path, ui: UI, tracker: UpdateTracker | None = None) -> None:
         self.config, self.run_dir, self.ui, self.tracker = config, run_dir, ui, tracker
         self.state = RunState()
+        self._harness = None  # an lm-eval session, made at the first evaluation that needs it
         self.start_clock()
 
     def start_clock(self) -> None:
@@ -92,14 +93,15 @@ class Run:
                     scores.append(result.value)
         harness, self.harness = self.config.eval.harness, None
         if harness is not None:
-            from retain.evaluation import harness as lm_harness
+            if self._harness is None:
+                from retain.evaluation.harness import Session
 
-            by_name = {t.name: t for t in tasks}
+                self._harness = Session(ctx.tokenizer, harness.tasks, {t.name: t for t in tasks},
+                                        harness.include_path)
             self.ui.info(f"  lm-eval: {', '.join(harness.tasks)} ({label})")
             with route(None):
-                self.harness = lm_harness.evaluate(
-                    ctx.accelerator.unwrap_model(ctx.model), ctx.tokenizer, harness.tasks, by_name,
-                    harness.include_path, cfg.batch_size, harness.limit)
+                self.harness = self._harness.evaluate(ctx.accelerator.unwrap_model(ctx.model), cfg.batch_size,
+                                                      harness.limit)
         #: The last evaluation's scores with their standard errors, by task ("probe" too),
         #: and lm-eval's (``self.harness``) when ``eval.harness`` asks for them.
         self.details = details

@@ -56,41 +56,51 @@ def write_task(task: Task, tokenizer, folder: Path, name: str | None = None) -> 
     return name
 
 
-def evaluate(model, tokenizer, names: Sequence[str], tasks: dict[str, Task], include_path: str | None = None,
-             batch_size: int = 32, limit: int | None = None) -> dict[str, dict[str, Any]]:
-    """lm-eval's scores (points) of each task in ``names``: acc, acc_norm and their stderr."""
-    require_lm_eval()
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
+class Session:
+    """lm-eval for one run: the retain_<task> files are written and lm-eval's task index is
+    built once (indexing its bundled tasks takes seconds), then every evaluation reuses them;
+    the items do not change between phases, only the model does."""
 
-    logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    with tempfile.TemporaryDirectory(prefix="retain-harness-") as tmp:
-        folder = Path(tmp)
-        wanted = []
+    def __init__(self, tokenizer, names: Sequence[str], tasks: dict[str, Task], include_path: str | None = None):
+        require_lm_eval()
+        from lm_eval.tasks import TaskManager
+
+        self._tmp = tempfile.TemporaryDirectory(prefix="retain-harness-")
+        folder = Path(self._tmp.name)
+        self.names = []
         for name in names:
             if name.startswith(PREFIX):
                 key = name[len(PREFIX):]
                 if key not in tasks:
                     raise RetainError(f"eval.harness: '{name}' names no task of this run; valid: "
                                       + ", ".join(PREFIX + t for t in tasks))
-                wanted.append(write_task(tasks[key], tokenizer, folder, name))
+                self.names.append(write_task(tasks[key], tokenizer, folder, name))
             else:
-                wanted.append(name)
-        paths = [str(folder)] + ([include_path] if include_path else [])
-        manager = TaskManager(include_path=paths)
-        missing = [n for n in wanted if n not in manager.all_tasks]
+                self.names.append(name)
+        self.tokenizer = tokenizer
+        self.manager = TaskManager(include_path=[str(folder)] + ([include_path] if include_path else []))
+        missing = [n for n in self.names if n not in self.manager.all_tasks]
         if missing:
             raise RetainError(f"eval.harness: lm-eval knows no task '{missing[0]}' (looked in "
                               f"{include_path or 'its own tasks'} and this run's retain_<task> tasks)")
+
+    def evaluate(self, model, batch_size: int = 32, limit: int | None = None) -> dict[str, dict[str, Any]]:
+        """lm-eval's scores (points) of each task: acc, acc_norm and their stderr."""
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: adapters stay in
-        lm = HFLM(pretrained=base, tokenizer=tokenizer, batch_size=batch_size, device=str(base.device))
-        out = lm_eval.simple_evaluate(model=lm, tasks=wanted, task_manager=manager, limit=limit, log_samples=False,
-                                      bootstrap_iters=1000, verbosity="ERROR")
-    results = {}
-    for name in wanted:
-        row = out["results"][name]
-        results[name] = {k.split(",")[0]: (100.0 * v if isinstance(v, float) else v)
-                         for k, v in row.items() if k.split(",")[0] in ("acc", "acc_norm", "acc_stderr",
-                                                                       "acc_norm_stderr")}
-    return results
+        lm = HFLM(pretrained=base, tokenizer=self.tokenizer, batch_size=batch_size, device=str(base.device))
+        out = lm_eval.simple_evaluate(model=lm, tasks=self.names, task_manager=self.manager, limit=limit,
+                                      log_samples=False, bootstrap_iters=1000, verbosity="ERROR")
+        return {name: {k.split(",")[0]: (100.0 * v if isinstance(v, float) else v)
+                       for k, v in out["results"][name].items()
+                       if k.split(",")[0] in ("acc", "acc_norm", "acc_stderr", "acc_norm_stderr")}
+                for name in self.names}
+
+
+def evaluate(model, tokenizer, names: Sequence[str], tasks: dict[str, Task], include_path: str | None = None,
+             batch_size: int = 32, limit: int | None = None) -> dict[str, dict[str, Any]]:
+    """One evaluation with a session of its own (see ``Session`` to evaluate repeatedly)."""
+    return Session(tokenizer, names, tasks, include_path).evaluate(model, batch_size, limit)

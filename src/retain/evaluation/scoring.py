@@ -52,26 +52,25 @@ def encode_pair(tokenizer, prompt: str, continuation: str, max_length: int | Non
     return p + c, len(c) if p else max(len(c) - 1, 0)
 
 
-def right_pad(encoded: Sequence[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids and attention mask of sequences padded on the right."""
+def _pad(encoded: Sequence[list[int]], pad: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(seq) for seq in encoded)
     ids = torch.full((len(encoded), width), pad, dtype=torch.long)
     mask = torch.zeros((len(encoded), width), dtype=torch.long)
     for row, seq in enumerate(encoded):
-        ids[row, : len(seq)] = torch.tensor(seq)
-        mask[row, : len(seq)] = 1
+        cols = slice(width - len(seq), width) if left else slice(0, len(seq))
+        ids[row, cols] = torch.tensor(seq, dtype=torch.long)
+        mask[row, cols] = 1
     return ids, mask
+
+
+def right_pad(encoded: Sequence[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask of sequences padded on the right."""
+    return _pad(encoded, pad, left=False)
 
 
 def left_pad(encoded: Sequence[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids and attention mask of sequences padded on the left (the last token aligned)."""
-    width = max(len(seq) for seq in encoded)
-    ids = torch.full((len(encoded), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(encoded), width), dtype=torch.long)
-    for row, seq in enumerate(encoded):
-        ids[row, width - len(seq) :] = torch.tensor(seq)
-        mask[row, width - len(seq) :] = 1
-    return ids, mask
+    return _pad(encoded, pad, left=True)
 
 
 def _token_logprobs(logits: torch.Tensor, rows: list[int], cols: list[int], targets: list[int]) -> torch.Tensor:
@@ -159,10 +158,9 @@ def shared_prefix_logliks(model, prompts: Sequence[list[int]], options: Sequence
 
     Up to ``batch_size`` prompts of similar length run together, left-padded, keeping only
     the last position's logits: when every option is one token that is the whole answer.
-    Otherwise the options run as short continuations over the prompts' key/value cache,
-    ``batch_size`` option rows at a time, each row attending to its own prompt's cache.
-    Only option positions are normalized (a logsumexp each), never the vocabulary at every
-    position of the prompt."""
+    Otherwise all options of each prompt run as one packed row over the prompts' key/value
+    cache (``_packed_continuations``). Only option positions are normalized (a logsumexp
+    each), never the vocabulary at every position of the prompt."""
     device = _device(model)
     out: list[list[float]] = [[] for _ in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -255,14 +253,6 @@ def choice_logliks(model, tokenizer, task: Task, examples: Sequence[Example], ba
 def argmax(values: Sequence[float]) -> int:
     """The first index of the largest value (ties go to the earlier option, as numpy's)."""
     return max(range(len(values)), key=lambda j: (values[j], -j))
-
-
-def choice_predictions(model, tokenizer, task: Task, examples: Sequence[Example], batch_size: int = 32,
-                       advance: Advance = _noop, normalize_length: bool = False) -> list[int]:
-    """Index of the best option for each example: by log-likelihood (lm-evaluation-harness's
-    ``acc``), or by log-likelihood per character of the option (its ``acc_norm``)."""
-    logliks = choice_logliks(model, tokenizer, task, examples, batch_size, advance)
-    return [pick(lls, ex.options, normalize_length) for lls, ex in zip(logliks, examples)]
 
 
 def pick(logliks: Sequence[float], options: Sequence[str], normalize_length: bool = False) -> int:

@@ -37,6 +37,9 @@ benchmarks: setup
 	$(PY) benchmarks/es.py
 	$(PY) benchmarks/checkpoint.py
 	$(PY) benchmarks/eval_speed.py   # needs ../shared/data (or --data DIR)
+	$(PY) benchmarks/probes.py
+	$(PY) benchmarks/published.py --suite standard-cl
+	$(PY) benchmarks/published.py --suite trace
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info

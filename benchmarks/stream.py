@@ -146,8 +146,13 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench"))
     ap.add_argument("--summarize-only", action="store_true",
                     help="rebuild the summary from the per-run results already in benchmarks/results/<suite>/")
+    ap.add_argument("--seeds", default=None, help="e.g. 0,1,2: each run once per seed (resumable), summarized "
+                    "as mean, std and 95%% interval over seeds and items in benchmarks/results/<suite>-seeds.md")
     args = ap.parse_args()
     folder = FOLDER[args.suite]
+    if args.seeds:
+        seeded_suite(args)
+        return
 
     loads = load_times() if args.suite == "engine" else None
     results = {}
@@ -192,6 +197,51 @@ def main() -> None:
     write("stream", {"machine": machine(), "loads": loads, "checks": lines,
                      "runs": {n: {k: r[k] for k in ("metrics", "probe", "wall_s", "R", "base", "peak_memory_mb",
                                                    "train_tokens_per_s")} for n, r in results.items()}}, md)
+
+
+def seeded_suite(args) -> None:
+    """Every run of the suite with ``--seeds``: a killed benchmark resumes the unfinished seeds."""
+    from retain.seeds import AGGREGATE
+
+    folder = RESULTS / f"{FOLDER[args.suite]}-seeds"
+    aggregates = {}
+    for name in (args.only.split(",") if args.only else SUITES[args.suite]):
+        run_dir = Path(args.out) / "seeds" / name
+        if not args.summarize_only and not (folder / f"{name}.json").is_file():
+            config, overrides = command(name)
+            retain = str(Path(sys.executable).parent / "retain")
+            if (run_dir / "config.yaml").is_file():
+                cmd = [retain, "run", "--resume", str(run_dir), "--quiet"]
+            else:
+                cmd = [retain, "run", str(ROOT / "configs" / f"{config}.yaml"), *overrides,
+                       f"output_dir={Path(args.out) / 'seeds'}", "--seeds", args.seeds, "--quiet"]
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+            import json
+
+            atomic_write_json(folder / f"{name}.json", json.loads((run_dir / AGGREGATE).read_text()))
+        if (folder / f"{name}.json").is_file():
+            import json
+
+            aggregates[name] = json.loads((folder / f"{name}.json").read_text())
+    from retain.reporting.report import fmt
+
+    def cell(m: dict, key: str) -> str:
+        v = m.get(key)
+        if not v:
+            return "n/a"
+        ci = v.get("interval")
+        span = f" [{fmt(ci[0])}, {fmt(ci[1])}]" if ci else ""
+        return f"{fmt(v['mean'])} ± {fmt(v['std'])}{span}"
+
+    rows = [f"| {n} | {a['strategy']} | {', '.join(map(str, a['seeds']))} | " +
+            " | ".join(cell(a["metrics"], k) for k in ("AA", "BWT", "FWT", "FM", "probe_retention")) + " |"
+            for n, a in aggregates.items()]
+    m = machine()
+    md = "\n".join([f"# `{args.suite}` suite over seeds", "",
+                    f"{m['device']}, {m['torch_threads']} threads, {m['date']}; configs `configs/<run>.yaml`. "
+                    "Cells: mean ± standard deviation over seeds [95% interval over seeds and test items].", "",
+                    "| run | strategy | seeds | AA | BWT | FWT | FM | probe retained % |", "|" + "---|" * 8, *rows, ""])
+    write(f"{FOLDER[args.suite]}-seeds", {"machine": m, "runs": aggregates}, md)
 
 
 def architecture_table(results: dict) -> list[str]:

@@ -66,26 +66,34 @@ def run(
     overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides, e.g. train.max_steps=20"),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue a killed run from its last checkpoint (every train.checkpoint_every steps inside a task, and at each task end)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory."),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="Run once per seed, e.g. 0,1,2: seed-<s>/ runs "
+                                        "under the run directory and aggregate.json with mean, std and "
+                                        "95% intervals over seeds and items (the config's `seeds:`)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or per-task lines."),
 ) -> None:
     """Train the stream, score every task after each one, write runs/<name>/ with results and report."""
     from retain.config import load_config
-    from retain.loop import execute, load_run_config
+    from retain.loop import execute, load_run_config, run_dir_for
+    from retain.seeds import run_seeds
 
     if resume is not None:
-        if config is not None:
-            raise RetainError("give either CONFIG or --resume RUN, not both")
+        if config is not None or seeds is not None:
+            raise RetainError("give either CONFIG or --resume RUN, not both (a resumed run keeps its seeds)")
         cfg = load_run_config(resume)
-        results = execute(cfg, run_dir=resume, resume=True, quiet=quiet)
         run_dir = resume
     else:
         if config is None:
             raise RetainError("missing CONFIG; e.g. `retain run configs/demo.yaml`")
-        cfg = load_config(config, overrides or [])
-        results = execute(cfg, quiet=quiet, overwrite=overwrite)
-        from retain.loop import run_dir_for
-
+        extra = [f"seeds=[{seeds}]"] if seeds is not None else []
+        cfg = load_config(config, (overrides or []) + extra)
         run_dir = run_dir_for(cfg)
+    if cfg.seeds:
+        agg = run_seeds(cfg, run_dir=run_dir, resume=resume is not None, quiet=quiet, overwrite=overwrite)
+        out.print((run_dir / "report.md").read_text(encoding="utf-8"), markup=False, highlight=False)
+        out.print(f"report: {run_dir / 'report.md'}  (aggregate.json; one run per seed in "
+                  f"{', '.join(agg['runs'])})")
+        return
+    results = execute(cfg, run_dir=run_dir, resume=resume is not None, quiet=quiet, overwrite=overwrite)
     out.print(_matrix_table(results))
     out.print(_metrics_table(results))
     out.print(f"report: {run_dir / 'report.md'}  (also report.html, results.json)")
@@ -154,7 +162,10 @@ def list_(
         ("strategies (join with +, e.g. lora+replay; `retain list NAME` for options)",
          [(n, c.summary + (f" [options: {c.options_key}:]" if c.options_key else "")) for n, c in sorted(registry().items())]),
         ("models", describe_models()),
-        ("built-in streams", [(n, d) for n, (_, d) in sorted(BUILTIN_STREAMS.items())]),
+        ("synthetic streams (fast demos and test fixtures)", [(n, d) for n, (_, d) in sorted(BUILTIN_STREAMS.items())]),
+        ("benchmark streams (stream: {name: NAME, order: N, max_train: N, max_test: N, data_dir: DIR})",
+         _benchmark_rows()),
+        ("general-ability probes (eval.probe: [NAME, ...]; true: the default suite)", _probe_rows()),
     ):
         table = Table(title=title, show_header=False)
         table.add_column(style="bold")
@@ -162,6 +173,32 @@ def list_(
         for row in rows:
             table.add_row(*row)
         out.print(table)
+
+
+def _benchmark_rows() -> list[tuple[str, str]]:
+    from retain.streams.benchmarks import NAMED_STREAMS, stream_sizes
+
+    rows = []
+    for name, spec in NAMED_STREAMS.items():
+        sizes = stream_sizes(name)
+        orders = "\n".join(f"order {o}{' (default)' if o == spec.default_order else ''}: {', '.join(tasks)}"
+                           for o, tasks in spec.orders.items())
+        tasks = ", ".join(f"{t} {tr}/{te} {spec.tasks[t].metric}" for t, (tr, te) in sizes.items())
+        rows.append((name, f"{spec.description}\n{orders}\ntasks (train/test items, metric): {tasks}"))
+    return rows
+
+
+def _probe_rows() -> list[tuple[str, str]]:
+    from retain.streams.benchmarks import DEFAULT_PROBES, FACTS, PROBES, probe_suite
+
+    rows = []
+    for name in PROBES:
+        task = probe_suite(name)
+        scoring = ("acc_norm" if task.choice_norm else "acc") if task.metric == "choice" else task.metric
+        default = " (default)" if name in DEFAULT_PROBES else ""
+        rows.append((name, f"{len(task.test)} items, {scoring}, chance {task.chance:.0f}{default}"))
+    rows.append((FACTS, "214 facts the base SmolLM2-135M answers right (it can only fall), acc, chance 25"))
+    return rows
 
 
 def _allowed(field) -> str:
@@ -261,8 +298,10 @@ def validate(
         out.print(f"  note     section '{key}' configures a method not in this strategy; it is not used")
     for t in stream.tasks:
         out.print(f"  task     {t.name}: {len(t.train)} train, {len(t.test)} test, metric {t.metric}")
-    if stream.probe:
-        out.print(f"  probe    {len(stream.probe.test)} items")
+    for p in stream.probes:
+        chance = f", chance {p.chance:.1f}" if p.chance is not None else ""
+        scoring = ("acc_norm" if p.choice_norm else "acc") if p.metric == "choice" else p.metric
+        out.print(f"  probe    {p.name}: {len(p.test)} items, scored by {scoring}{chance}")
 
 
 def main() -> None:

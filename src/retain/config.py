@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from retain.errors import RetainError
 from retain.streams.task import Metric
@@ -78,6 +78,38 @@ class TaskSpec(_Strict):
         return self
 
 
+class StreamSpec(_Strict):
+    """A built-in stream by name; the field's benchmarks take an order, caps and a full copy."""
+
+    name: str = Field(description="a built-in stream (retain list shows them, with orders and sizes)")
+    order: int | None = Field(default=None, description="the benchmark's published task order "
+                              "(standard-cl 1-3, long-cl 4-6, superni-cl 1-2); default: its first")
+    max_train: int | None = Field(default=None, ge=1, description="cap on train items per task (a seeded sample)")
+    max_test: int | None = Field(default=None, ge=1, description="cap on test items per task (a seeded sample, "
+                                 "stratified by label)")
+    data_dir: str | None = Field(default=None, description="a full copy in the benchmark's own layout (O-LoRA's "
+                                 "CL_Benchmark/, a TRACE LLM-CL-Benchmark_<size>/ folder) instead of the shipped one")
+
+    @model_validator(mode="after")
+    def _known(self) -> "StreamSpec":
+        from retain.streams import BUILTIN_STREAMS, NAMED_STREAMS
+
+        if self.name in NAMED_STREAMS:
+            orders = NAMED_STREAMS[self.name].orders
+            if self.order is not None and self.order not in orders:
+                raise ValueError(f"stream '{self.name}' has no order {self.order}; orders: "
+                                 + ", ".join(str(o) for o in orders))
+        elif self.name in BUILTIN_STREAMS:
+            given = [k for k in ("order", "max_train", "max_test", "data_dir") if getattr(self, k) is not None]
+            if given:
+                raise ValueError(f"stream '{self.name}' is a synthetic stream: '{given[0]}' applies to the named "
+                                 f"benchmarks only ({', '.join(NAMED_STREAMS)})")
+        else:
+            valid = sorted({*BUILTIN_STREAMS, *NAMED_STREAMS})
+            raise ValueError(f"unknown stream '{self.name}'; built-in streams: {', '.join(valid)}")
+        return self
+
+
 class TrainConfig(_Strict):
     max_steps: int = Field(default=100, ge=1, description="optimizer steps per task")
     batch_size: int = Field(default=8, ge=1)
@@ -111,16 +143,41 @@ class EvalConfig(_Strict):
     probe_choice_norm: bool = Field(default=False, description="score the probe by acc_norm instead of acc")
     harness: HarnessConfig | None = Field(default=None, description="also score with lm-evaluation-harness")
     max_new_tokens: int = Field(default=16, ge=1)
-    probe: bool = True
-    probe_max: int | None = Field(default=None, ge=1, description="cap on probe items (a seeded sample)")
-    probe_file: str | None = Field(default=None, description="your own probe: JSONL/CSV of input, output, options")
-    probe_template: str = Field(default="Question: {input}\nAnswer:", description="prompt of each probe item")
+    probe: bool | str | list[str] = Field(default=True, description="general-ability probes scored after every "
+                                         "task: true (the default suite), false, or names among mmlu, arc-easy, "
+                                         "arc-challenge, hellaswag, piqa, csqa, boolq, gsm8k, facts")
+    probe_max: int | None = Field(default=None, ge=1, description="cap on items per probe (a seeded sample)")
+    probe_file: str | None = Field(default=None, description="your own probe (scored as 'custom'): JSONL/CSV of "
+                                   "input, output, options")
+    probe_template: str = Field(default="Question: {input}\nAnswer:", description="prompt of the facts and "
+                                "custom probes (the named suites have their benchmark's prompt)")
 
     @model_validator(mode="after")
     def _template(self) -> "EvalConfig":
         if "{input}" not in self.probe_template:
             raise ValueError("probe_template must contain '{input}'")
+        self.probe_names()
         return self
+
+    def probe_names(self) -> list[str]:
+        """The probes this run scores, in order (``custom``: ``probe_file``)."""
+        from retain.streams.benchmarks import DEFAULT_PROBES, PROBE_NAMES
+
+        if self.probe is True:
+            # probe_file alone replaces the default suite, as it always has.
+            names = [] if self.probe_file else list(DEFAULT_PROBES)
+        elif self.probe is False:
+            names = []
+        else:
+            names = [self.probe] if isinstance(self.probe, str) else list(self.probe)
+        unknown = [n for n in names if n not in PROBE_NAMES]
+        if unknown:
+            raise ValueError(f"eval.probe: unknown probe '{unknown[0]}'; valid: true, false, "
+                             + ", ".join(PROBE_NAMES))
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"eval.probe: '{dup[0]}' is named twice")
+        return names + (["custom"] if self.probe_file and self.probe is not False else [])
 
 
 class AnalysisConfig(_Strict):
@@ -144,19 +201,33 @@ class RunConfig(BaseModel):
     name: RunName
     model: str = "smollm2-135m-instruct"
     trust_remote_code: bool = False
-    stream: str | None = None
+    stream: StreamSpec | None = None
     tasks: list[TaskSpec] | None = None
     strategy: str = "naive"
     seed: int = 0
+    seeds: list[int] | None = Field(default=None, min_length=1, description="one run per seed under the run "
+                                    "directory (seed-<s>/) and an aggregate over them; replaces 'seed'")
     output_dir: str = "runs"
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
 
+    @field_validator("stream", mode="before")
+    @classmethod
+    def _stream_name(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+    @property
+    def stream_name(self) -> str:
+        """The stream's name in results and reports ("custom": a ``tasks`` list)."""
+        return self.stream.name if self.stream is not None else "custom"
+
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":
         if (self.stream is None) == (self.tasks is None):
             raise ValueError("give exactly one of 'stream' (a built-in name) or 'tasks' (a list)")
+        if self.seeds is not None and len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"'seeds' repeats a seed: {self.seeds}")
         if self.tasks is not None:
             if not self.tasks:
                 raise ValueError("'tasks' is empty")
@@ -164,6 +235,9 @@ class RunConfig(BaseModel):
             dup = {n for n in names if names.count(n) > 1}
             if dup:
                 raise ValueError(f"task names must be unique, repeated: {sorted(dup)}")
+            clash = sorted(set(names) & set(self.eval.probe_names()))
+            if clash:
+                raise ValueError(f"task '{clash[0]}' has the name of a probe this run scores; rename the task")
         from retain.strategies import option_models, parse_strategy
 
         parse_strategy(self.strategy)  # raises ValueError naming valid strategies

@@ -35,6 +35,7 @@ from retain.config import RunConfig, read_yaml, validate_config
 from retain.errors import RetainError
 from retain.batching import batch_stream, collate
 from retain.evaluation.scoring import evaluate_task, work_units
+from retain.evaluation.uncertainty import item_record
 from retain.io import atomic_write_text
 from retain.models import load_model
 from retain.routing import agnostic_evaluation
@@ -71,26 +72,28 @@ class Run:
     # -- evaluation -----------------------------------------------------------------
     def evaluate(self, ctx: Context, stack: StrategyStack, label: str,
                  route: Callable[[str | None], ContextManager] | None = None) -> tuple[list[float], float | None]:
-        """Every task and the probe, each under ``route(task)`` (default: the stack's routing)."""
+        """Every task and every probe, each under ``route(task)`` (default: the stack's routing).
+        Returns the tasks' scores and the probes' mean (each probe's score is in ``details``)."""
         route = route or (lambda task: stack.route(ctx, task))
         stream, cfg = ctx.stream, self.config.eval
-        tasks = stream.tasks + ([stream.probe] if stream.probe else [])
+        tasks = stream.tasks + stream.probes
         total = sum(work_units(t, len(t.test)) for t in tasks)
         scores: list[float] = []
-        probe = None
+        probes: list[float] = []
         details: dict[str, Any] = {}
+        items: dict[str, Any] = {}
         with self.ui.bar(total, f"eval {label}") as advance:
             for task in tasks:
-                is_probe = task is stream.probe
+                is_probe = task in stream.probes
                 with route(None if is_probe else task.name):
                     result = evaluate_task(ctx.model, ctx.tokenizer, task, batch_size=cfg.batch_size,
                                            max_new_tokens=cfg.max_new_tokens, advance=advance)
                 details[task.name] = {"value": result.value, "n": result.n, "stderr": result.stderr,
                                       **result.scores}
-                if is_probe:
-                    probe = result.value
-                else:
-                    scores.append(result.value)
+                if result.items is not None:
+                    items[task.name] = item_record(result)
+                (probes if is_probe else scores).append(result.value)
+        probe = sum(probes) / len(probes) if probes else None
         harness, self.harness = self.config.eval.harness, None
         if harness is not None:
             if self._harness is None:
@@ -102,13 +105,13 @@ class Run:
             with route(None):
                 self.harness = self._harness.evaluate(ctx.accelerator.unwrap_model(ctx.model), cfg.batch_size,
                                                       harness.limit)
-        #: The last evaluation's scores with their standard errors, by task ("probe" too),
-        #: and lm-eval's (``self.harness``) when ``eval.harness`` asks for them.
-        self.details = details
+        #: The last evaluation's scores with their standard errors, by task and probe, each
+        #: item's score and answer, and lm-eval's (``self.harness``) when ``eval.harness`` asks.
+        self.details, self.items = details, items
         return scores, probe
 
     def evaluation_record(self, after: Any) -> dict[str, Any]:
-        record = {"after": after, "scores": self.details}
+        record = {"after": after, "scores": self.details, "items": self.items}
         return {**record, "harness": self.harness} if self.harness is not None else record
 
     # -- training -------------------------------------------------------------------
@@ -273,7 +276,7 @@ def check_harness(config: RunConfig, stream: Stream, stack: StrategyStack) -> No
     if wrapping:
         raise RetainError(f"eval.harness: {wrapping[0]} rewrites the model's input (a wrapper lm-eval's HFLM "
                           "cannot call); score it with retain's own evaluation")
-    scorable = {t.name: t for t in stream.tasks + ([stream.probe] if stream.probe else []) if t.metric == "choice"}
+    scorable = {t.name: t for t in stream.tasks + stream.probes if t.metric == "choice"}
     for name in config.eval.harness.tasks:
         if name.startswith(PREFIX) and name[len(PREFIX):] not in scorable:
             raise RetainError(f"eval.harness.tasks: '{name}' names no choice task of this run; valid: "

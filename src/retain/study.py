@@ -86,6 +86,7 @@ def run_study(path: str | Path, quiet: bool = False, overrides: list[str] | None
     its exported copy, when ``export`` names a folder)."""
     from retain.loop import execute, run_dir_for
     from retain.reporting import load_results
+    from retain.seeds import run_seeds, seed_dir
 
     study, configs = load_study(path, overrides, name)
     folder = Path(study.output_dir) / study.name
@@ -96,9 +97,18 @@ def run_study(path: str | Path, quiet: bool = False, overrides: list[str] | None
             raise RetainError(f"--export {export}: a file is there; name a folder (new or existing)")
     for cfg in configs:  # before any arm runs: a mismatch found late would leave the study half-done
         check_arm_folder(run_dir_for(cfg), cfg)
-    results = []
+    results, run_dirs = [], []
     for cfg in configs:
         run_dir = run_dir_for(cfg)
+        if cfg.seeds:
+            # An arm with seeds: one row per seed (named arm/seed-s), the arm's aggregate in its folder.
+            run_seeds(cfg, run_dir=run_dir, resume=run_dir.exists(), quiet=quiet)
+            for seed in cfg.seeds:
+                r = load_results(seed_dir(run_dir, seed))
+                results.append({**r, "name": f"{cfg.name}/seed-{seed}"})
+                run_dirs.append(seed_dir(run_dir, seed))
+            continue
+        run_dirs.append(run_dir)
         if (run_dir / "results.json").is_file():
             results.append(load_results(run_dir))
             continue
@@ -106,7 +116,7 @@ def run_study(path: str | Path, quiet: bool = False, overrides: list[str] | None
         results.append(execute(cfg, run_dir=run_dir, resume=resume, quiet=quiet, overwrite=not resume))
     report = write_study(folder, study.name, results)
     if export is not None:
-        export_study(Path(export), study.name, results, [run_dir_for(cfg) for cfg in configs])
+        export_study(Path(export), study.name, results, run_dirs)
     return report
 
 
@@ -115,7 +125,9 @@ def export_study(dest: Path, name: str, results: list[dict[str, Any]], run_dirs:
     report's arm links point at those copies."""
     dest.mkdir(parents=True, exist_ok=True)
     for r, run_dir in zip(results, run_dirs):
-        shutil.copyfile(run_dir / "results.json", dest / f"{r['name']}.json")
+        target = dest / f"{r['name']}.json"
+        target.parent.mkdir(parents=True, exist_ok=True)  # arm/seed-s.json for an arm with seeds
+        shutil.copyfile(run_dir / "results.json", target)
     return write_study(dest, name, results, link=lambda arm: f"{arm}.json")
 
 

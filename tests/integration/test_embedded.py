@@ -31,11 +31,13 @@ def test_embedded_model_loads_caches_and_runs_a_short_stream(tmp_path):
     config = validate_config({
         "name": "smoke", "model": "smollm2-135m-instruct", "stream": "numbers", "strategy": "lora+replay",
         "output_dir": str(tmp_path), "train": {"max_steps": 2, "batch_size": 4},
-        "eval": {"max_test": 4, "probe_max": 8},
+        "eval": {"max_test": 4, "probe_max": 8, "probe": ["facts", "arc-easy"]},
     })
     results = execute(config, quiet=True)
     assert len(results["R"]) == 4 and all(len(row) == 4 for row in results["R"])
-    assert results["probe"]["base"] == 100.0  # the probe holds facts this model answers right
+    suites = results["probe"]["suites"]
+    assert suites["facts"]["base"] == 100.0  # the facts probe holds items this model answers right
+    assert suites["arc-easy"]["chance"] == 25.0 and suites["arc-easy"]["n"] == 8
     saved = json.loads((tmp_path / "smoke" / "results.json").read_text())
     assert saved["metrics"] == results["metrics"]
 

@@ -27,7 +27,8 @@ def test_es_run_writes_the_same_schema_as_gradient_runs_and_records_updates(tiny
         steps = [u["global_step"] for u in results["updates"]]
         assert steps == [1, 2, 3, 4]  # every step, phase ends included, numbered through the stream
         last = results["updates"][-1]
-        assert last["norm"]["abs"] > 0 and last["kl_base"] >= 0 and last["probe"] == results["probe"]["after_phase"][-1]
+        assert last["norm"]["abs"] > 0 and last["kl_base"] >= 0
+        assert last["probe"] == pytest.approx(results["probe"]["after_phase"][-1], abs=1e-4)
         assert 0 < last["density"]["fp32"]["1e-06"] <= 1
         assert last["scores"] == pytest.approx(dict(zip(results["tasks"], results["R"][-1])), abs=1e-3)
         assert set(results["updates"][0]["scores"]) == set(results["tasks"])  # in-phase: scored by the tracker

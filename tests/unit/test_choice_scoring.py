@@ -168,7 +168,7 @@ def test_results_record_standard_errors_and_the_sample(tiny_config):
     results = execute(load_config(tiny_config("se", eval__max_test=4, eval__probe_max=5)), quiet=True)
     assert len(results["R_stderr"]) == 2 and len(results["base_stderr"]) == 2
     assert results["eval_samples"]["small"]["n"] == 4 and results["eval_samples"]["small"]["of"] == 6
-    assert results["eval_samples"]["probe"]["n"] == 5
+    assert all(results["eval_samples"][p]["n"] == 5 for p in results["probe"]["names"])
     small = results["evaluations"][1]["scores"]["small"]
     assert {"acc", "acc_norm", "stderr", "n"} <= set(small) and small["n"] == 4
     assert results["task_scoring"] == {"upper": "exact_match", "small": "acc"}

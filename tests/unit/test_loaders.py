@@ -83,3 +83,13 @@ def test_probe_ships_with_the_package():
     probe = probe_task()
     assert len(probe.test) >= 200
     assert all(e.output in e.options and len(e.options) == 4 for e in probe.test)
+
+
+def test_a_line_separator_inside_a_json_string_stays_in_its_record(tmp_path):
+    from retain.streams.loaders import load_file
+
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"input": "one\u2028two", "output": "x"}\n{"input": "three", "output": "y"}\n', encoding="utf-8")
+    examples = load_file(path, input_field="input", output_field="output", options_field="options",
+                         metric="exact_match")
+    assert [ex.input for ex in examples] == ["one\u2028two", "three"]

@@ -28,8 +28,9 @@ def test_config_validates_and_names_its_command(path):
     if "gpu" in path.parts:
         # Its model and data are files a user puts in place; the keys must still be valid.
         data = read_yaml(path)
-        data["model"], data["tasks"], data["eval"]["probe_file"] = "tiny-random", None, None
-        data["stream"] = "arithmetic"
+        data["model"] = "tiny-random"
+        if data.get("tasks"):  # a named benchmark stream runs from the shipped copies
+            data["tasks"], data["stream"], data["eval"]["probe_file"] = None, "arithmetic", None
         validate_config(data, source=str(path))
     else:
         assert load_config(path).name == path.stem

@@ -82,7 +82,10 @@ class UpdateTracker:
         if score and o.tasks:
             record["scores"] = {t.name: score_task(ctx.model, ctx.tokenizer, t, batch_size=ev.batch_size,
                                                    max_new_tokens=ev.max_new_tokens) for t in ctx.stream.tasks}
-        if score and o.probe and ctx.stream.probe is not None:
-            record["probe"] = score_task(ctx.model, ctx.tokenizer, ctx.stream.probe, batch_size=ev.batch_size)
+        if score and o.probe and ctx.stream.probes:
+            # The probes' mean, as the phase-end evaluations record it.
+            values = [score_task(ctx.model, ctx.tokenizer, p, batch_size=ev.batch_size,
+                                 max_new_tokens=ev.max_new_tokens) for p in ctx.stream.probes]
+            record["probe"] = sum(values) / len(values)
         record["seconds"] = round(time.perf_counter() - start, 3)
         return record

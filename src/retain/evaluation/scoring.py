@@ -278,6 +278,11 @@ class TaskScore:
     stderr: float | None
     #: Every score computed (``acc`` and ``acc_norm`` for choice tasks).
     scores: dict[str, float]
+    #: Per test item, in test order: its score in points under the task's own scoring (100/0
+    #: for an accuracy) and the model's answer (the chosen option's index, or the generated
+    #: text); None for perplexity, which is one ratio over all tokens, not a mean of items.
+    items: list[float] | None = None
+    predictions: list | None = None
 
 
 def item_score(metric: str, answer: str, example: Example) -> float:
@@ -360,17 +365,20 @@ def evaluate_task(model, tokenizer, task: Task, examples: Sequence[Example] | No
         if task.metric == "choice":
             logliks = choice_logliks(model, tokenizer, task, examples, batch_size, advance)
             gold = [ex.answer_index for ex in examples]
-            hits = {key: sum(pick(lls, ex.options, key == "acc_norm") == g
-                             for lls, ex, g in zip(logliks, examples, gold)) for key in ("acc", "acc_norm")}
+            picks = {key: [pick(lls, ex.options, key == "acc_norm") for lls, ex in zip(logliks, examples)]
+                     for key in ("acc", "acc_norm")}
+            hits = {key: sum(p == g for p, g in zip(chosen, gold)) for key, chosen in picks.items()}
             key = "acc_norm" if task.choice_norm else "acc"
             return TaskScore(100.0 * hits[key] / n, n, binomial_stderr(hits[key], n),
-                             {k: 100.0 * v / n for k, v in hits.items()})
+                             {k: 100.0 * v / n for k, v in hits.items()},
+                             [100.0 * (p == g) for p, g in zip(picks[key], gold)], picks[key])
         if task.metric in GENERATED:
             prompts = [task.prompt(tokenizer, ex) for ex in examples]
-            answers = generate(model, tokenizer, prompts, max_new_tokens, batch_size, advance)
+            # A task's own answer length (a summary) wins over the run's default (a label).
+            answers = generate(model, tokenizer, prompts, task.max_new_tokens or max_new_tokens, batch_size, advance)
             values = [item_score(task.metric, a, ex) for a, ex in zip(answers, examples)]
             mean = sum(values) / n
-            return TaskScore(mean, n, mean_stderr(values), {task.metric: mean})
+            return TaskScore(mean, n, mean_stderr(values), {task.metric: mean}, values, answers)
         pairs = [(task.prompt(tokenizer, ex) if ex.input else "", task.target(ex.output)) for ex in examples]
         scores = continuation_logprobs(model, tokenizer, pairs, batch_size, advance)
         nll, count = -sum(s for s, _ in scores), sum(n for _, n in scores)

@@ -40,11 +40,20 @@ def curves(results: dict[str, Any], path: Path) -> Path:
     tasks, R = results["tasks"], results["R"]
     x = list(range(len(R) + 1))
     fig, ax = plt.subplots(figsize=(7, 4))
+    ci = results.get("intervals") or {}
     for j, name in enumerate(tasks):
-        ax.plot(x, [results["base"][j]] + [row[j] for row in R], marker="o", label=name)
+        ys = [results["base"][j]] + [row[j] for row in R]
+        bounds = [(ci.get("base") or [None] * len(tasks))[j]] + [row[j] for row in ci.get("R") or []]
+        if ci and all(b is not None for b in bounds) and len(bounds) == len(ys):
+            # 95% intervals as error bars (Wilson for accuracies: asymmetric)
+            err = [[y - b[0] for y, b in zip(ys, bounds)], [b[1] - y for y, b in zip(ys, bounds)]]
+            ax.errorbar(x, ys, yerr=err, marker="o", capsize=3, label=name)
+        else:
+            ax.plot(x, ys, marker="o", label=name)
     probe = results.get("probe")
     if probe:
-        ax.plot(x, [probe["base"]] + probe["after_phase"], "k--", marker="s", label="probe")
+        label = "probe" if len(probe.get("suites") or {}) <= 1 else "probes (mean)"
+        ax.plot(x, [probe["base"]] + probe["after_phase"], "k--", marker="s", label=label)
     ax.set_xticks(x, ["base"] + [f"+{'+'.join(p)}" for p in results["phases"]], rotation=30, ha="right")
     ax.set_ylabel("score")
     ax.set_title(f"{results['name']}: scores after each phase")

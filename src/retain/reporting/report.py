@@ -23,12 +23,22 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines
 
 
+def span(interval: list[float] | None, signed: bool = False) -> str:
+    """A 95% interval as " [lo, hi]" ("" when there is none)."""
+    if not interval:
+        return ""
+    return f" [{fmt(interval[0], signed=signed)}, {fmt(interval[1], signed=signed)}]"
+
+
 def metric_rows(results: dict[str, Any]) -> list[list[str]]:
     m, probe = results["metrics"], results.get("probe") or {}
+    ci = results.get("intervals") or {}
+    mi, pi = ci.get("metrics") or {}, ci.get("probe") or {}
     return [[
-        fmt(m.get("AA")), fmt(m.get("BWT"), signed=True), fmt(m.get("FWT"), signed=True), fmt(m.get("FM")),
-        fmt(probe.get("base")), fmt((probe.get("after_phase") or [None])[-1]), fmt(probe.get("retention")),
-        fmt(results.get("wall_s"), 0),
+        fmt(m.get("AA")) + span(mi.get("AA")), fmt(m.get("BWT"), signed=True) + span(mi.get("BWT"), True),
+        fmt(m.get("FWT"), signed=True) + span(mi.get("FWT"), True), fmt(m.get("FM")) + span(mi.get("FM")),
+        fmt(probe.get("base")), fmt((probe.get("after_phase") or [None])[-1]) + span(pi.get("final")),
+        fmt(probe.get("retention")) + span(pi.get("retention")), fmt(results.get("wall_s"), 0),
     ]]
 
 
@@ -45,12 +55,20 @@ def markdown(results: dict[str, Any], images: dict[str, str]) -> str:
         *markdown_table(METRIC_HEADER, metric_rows(results)), "",
         "AA: mean final score. BWT: final minus just-learned score (negative = forgetting). "
         "FWT: score on a task before training on it, minus the base model's. FM: mean drop from the best "
-        "earlier score. Probe: general-ability questions the base model answered.", "",
+        "earlier score. Probe: the mean of the general-ability probes (each below). In brackets: 95% "
+        "intervals (bootstrap over test items, see results.json `intervals`).", "",
         "## Accuracy matrix R[i][j] (row: after training phase i; column: task j)", "",
     ]
-    rows = [["base"] + [fmt(v) for v in results["base"]]]
-    rows += [["after " + "+".join(p)] + [fmt(v) for v in row] for p, row in zip(results["phases"], results["R"])]
+    ci = results.get("intervals") or {}
+    base_ci, R_ci = ci.get("base") or [None] * len(tasks), ci.get("R") or [[None] * len(tasks)] * len(results["R"])
+    rows = [["base"] + [fmt(v) + span(c) for v, c in zip(results["base"], base_ci)]]
+    rows += [["after " + "+".join(p)] + [fmt(v) + span(c) for v, c in zip(row, crow)]
+             for p, row, crow in zip(results["phases"], results["R"], R_ci)]
     lines += markdown_table(["", *tasks], rows) + [""]
+    if ci:
+        lines += ["Cells: score [95% interval: Wilson for accuracies, else bootstrap over items].", ""]
+    lines += probe_section(results)
+    lines += forgotten_section(results)
     lines += ["## Timing", ""]
     lines += markdown_table(
         ["phase", "steps", "train s", "eval s", "tokens/s", "loss first", "loss last"],
@@ -65,6 +83,46 @@ def markdown(results: dict[str, Any], images: dict[str, str]) -> str:
     for title, rel in images.items():
         lines += [f"![{title}]({rel})", ""]
     return "\n".join(lines)
+
+
+def probe_section(results: dict[str, Any]) -> list[str]:
+    """Each general-ability probe after every phase, beside its chance level."""
+    suites = (results.get("probe") or {}).get("suites") or {}
+    if not suites:
+        return []
+    phases = ["after " + "+".join(p) for p in results["phases"]]
+    rows = [[name, s["scoring"], str(s["n"]), fmt(s.get("chance")), fmt(s["base"]), *[fmt(v) for v in s["after_phase"]],
+             fmt(s.get("change"), signed=True)] for name, s in suites.items()]
+    return ["## General-ability probes", "", *markdown_table(["probe", "scoring", "items", "chance", "base", *phases,
+                                                              "change"], rows), "",
+            "A probe scored near its chance level cannot show forgetting: its drops are noise.", ""]
+
+
+def forgotten_section(results: dict[str, Any], shown: int = 5) -> list[str]:
+    """Items right after their task (probes: in the base model) and wrong at the end."""
+    examples = results.get("examples") or {}
+    if not examples:
+        return []
+    rows = [[name, e["then"], *[str(e["counts"][k]) for k in ("forgotten", "retained", "learned_later", "never")]]
+            for name, e in examples.items()]
+    lines = ["## What was forgotten, item by item", "",
+             *markdown_table(["task", "right or wrong then", "forgotten", "retained", "learned later", "never"],
+                             rows), "",
+             "Forgotten: right then, wrong at the end; learned later: wrong then, right at the end.", ""]
+    for name, e in examples.items():
+        if not e["forgotten"]:
+            continue
+        lines += [f"**{name}**: first {min(shown, len(e['forgotten']))} of {e['counts']['forgotten']} forgotten", ""]
+        lines += markdown_table(["item", "input", "gold", "answer then", "answer at the end"],
+                                [[str(x["item"]), _cell(x["input"]), _cell(x["gold"]), _cell(x["then"]),
+                                  _cell(x["end"])] for x in e["forgotten"][:shown]])
+        lines.append("")
+    return lines
+
+
+def _cell(text: Any, width: int = 80) -> str:
+    text = " ".join(str(text).split()).replace("|", "/")
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def routing_section(results: dict[str, Any]) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -11,7 +12,9 @@ from typing import Any
 from retain import __version__
 from retain.errors import RetainError
 from retain.io import atomic_write_json
+from retain.evaluation.uncertainty import intervals
 from retain.metrics import summarize
+from retain.reporting.forgotten import forgotten_examples
 
 log = logging.getLogger(__name__)
 SCHEMA = 1
@@ -26,20 +29,52 @@ def scored_records(results: dict[str, Any]) -> list[tuple[float, dict[str, Any]]
     return [(sum(u["scores"].values()) / len(u["scores"]), u) for u in results.get("updates") or [] if u.get("scores")]
 
 
+def _trajectory(base: float | None, after: list[float | None]) -> dict[str, Any]:
+    final = after[-1] if after else None
+    return {"base": _r(base), "after_phase": [_r(v) for v in after],
+            "change": _r(final - base) if final is not None and base is not None else None,
+            "retention": _r(100.0 * final / base) if final is not None and base else None}
+
+
+def probe_block(stream, state: dict[str, Any]) -> dict[str, Any] | None:
+    """The probes' mean over the run (``base``, ``after_phase``, ``change``, ``retention``) and
+    each probe on its own under ``suites``, with its chance level: a score near chance after
+    training says as little as one near chance before it."""
+    if state.get("base_probe") is None:
+        return None
+    block = _trajectory(state["base_probe"], state.get("probe", []))
+    evaluations = state.get("evaluations") or []
+    suites = {}
+    for task in stream.probes:
+        values = [e["scores"].get(task.name, {}).get("value") for e in evaluations]
+        if not values or values[0] is None:
+            continue
+        scoring = ("acc_norm" if task.choice_norm else "acc") if task.metric == "choice" else task.metric
+        stderr = [e["scores"][task.name].get("stderr") for e in evaluations]
+        suites[task.name] = {**_trajectory(values[0], values[1:]), "chance": _r(task.chance), "n": len(task.test),
+                             "scoring": scoring, "stderr": [_r(v) for v in stderr]}
+    return {**block, "names": list(suites), "suites": suites}
+
+
+def item_ids(tasks) -> dict[str, str]:
+    """A fingerprint of each task's test items (input, answer, options, in order): two runs
+    pair item by item only when these are equal."""
+    out = {}
+    for task in tasks:
+        digest = hashlib.sha256()
+        for ex in task.test:
+            digest.update(json.dumps([ex.input, ex.output, ex.options], ensure_ascii=False).encode("utf-8"))
+        out[task.name] = digest.hexdigest()[:16]
+    return out
+
+
 def build_results(config, stream, state: dict[str, Any]) -> dict[str, Any]:
     R = [[_r(v) for v in row] for row in state["R"]]
     base = [_r(v) for v in state["base"]]
     metrics = summarize(R, base) if R else {}
-    base_probe = state.get("base_probe")
-    probe_after = [_r(p) for p in state.get("probe", [])]
-    probe = None
-    if base_probe is not None:
-        final = probe_after[-1] if probe_after else None
-        probe = {
-            "base": _r(base_probe), "after_phase": probe_after,
-            "change": _r(final - base_probe) if final is not None else None,
-            "retention": _r(100.0 * final / base_probe) if final is not None and base_probe else None,
-        }
+    probe = probe_block(stream, state)
+    if config.stream_name == "trace" and "AA" in metrics:
+        metrics["OP"] = metrics["AA"]  # TRACE's overall performance: the mean final score
     timings = state.get("timings", [])
     evaluations = state.get("evaluations") or []
     names = stream.task_names
@@ -48,14 +83,15 @@ def build_results(config, stream, state: dict[str, Any]) -> dict[str, Any]:
         return [_r(scores.get(n, {}).get("stderr")) for n in names]
     tokens = sum(t["tokens"] for t in timings)
     train_s = sum(t["train_s"] for t in timings)
-    return {
+    results = {
         "schema": SCHEMA,
         "retain_version": __version__,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "name": config.name,
         "model": config.model,
         "strategy": config.strategy,
-        "stream": config.stream or "custom",
+        "stream": config.stream_name,
+        "stream_order": stream.order,
         "seed": config.seed,
         "tasks": stream.task_names,
         "task_metrics": {t.name: t.metric for t in stream.tasks},
@@ -70,9 +106,11 @@ def build_results(config, stream, state: dict[str, Any]) -> dict[str, Any]:
                          for t in stream.tasks},
         "evaluations": evaluations,
         # Which test items a capped split kept (seeded, stratified by label).
-        "eval_samples": {t.name: t.sample.to_dict() for t in
-                         stream.tasks + ([stream.probe] if stream.probe else []) if t.sample is not None},
+        "eval_samples": {t.name: t.sample.to_dict() for t in stream.tasks + stream.probes if t.sample is not None},
         "probe": probe,
+        "item_ids": item_ids(stream.tasks + stream.probes),
+        # Items right after their task and wrong at the end, with both answers (probes: base vs end).
+        "examples": forgotten_examples(stream, state),
         "timings": timings,
         "strategy_stats": state.get("strategy_stats", []),
         "train_s": _r(train_s, 3),
@@ -86,6 +124,8 @@ def build_results(config, stream, state: dict[str, Any]) -> dict[str, Any]:
         # Strategies' evaluations after the last phase (e.g. merged adapters), by strategy.
         "final": state.get("final", {}),
     }
+    results["intervals"] = intervals(results)
+    return results
 
 
 def finalize(run_dir: Path, config, stream, state: dict[str, Any]) -> dict[str, Any]:

@@ -100,7 +100,8 @@ def _read_text(path: Path) -> str:
 
 
 def _jsonl_records(path: Path) -> Iterable[tuple[str, Any]]:
-    for lineno, line in enumerate(_read_text(path).splitlines(), 1):
+    # Split on "\n" only: str.splitlines also splits on U+2028 and U+0085, which JSON strings may hold raw.
+    for lineno, line in enumerate(_read_text(path).split("\n"), 1):
         if not line.strip():
             continue
         try:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
@@ -51,6 +51,18 @@ class Task:
     sample: "Sample | None" = None
     #: choice tasks: R records acc_norm (log-likelihood per character of the option) instead of acc.
     choice_norm: bool = False
+    #: Generated tasks: answer length (None: ``eval.max_new_tokens``); summaries need more than labels.
+    max_new_tokens: int | None = None
+
+    @property
+    def chance(self) -> float | None:
+        """The score of a uniform random guess over each item's options; a guessed number is
+        (almost) never right; None where chance has no single value (open text)."""
+        if self.metric == "number":
+            return 0.0
+        if self.metric != "choice" or not self.test:
+            return None
+        return 100.0 * sum(1 / len(ex.options or ()) for ex in self.test) / len(self.test)
 
     @property
     def prefix(self) -> str:
@@ -80,8 +92,11 @@ class Task:
 class Stream:
     name: str
     tasks: list[Task]
-    probe: Task | None = None
+    #: General-ability suites scored after every phase (``eval.probe``), each on its own.
+    probes: list[Task] = field(default_factory=list)
     description: str = ""
+    #: Named streams: which of the benchmark's task orders this is.
+    order: int | None = None
 
     @property
     def task_names(self) -> list[str]:

@@ -84,7 +84,7 @@ class Run:
         items: dict[str, Any] = {}
         with self.ui.bar(total, f"eval {label}") as advance:
             for task in tasks:
-                is_probe = task in stream.probes
+                is_probe = any(task is p for p in stream.probes)
                 with route(None if is_probe else task.name):
                     result = evaluate_task(ctx.model, ctx.tokenizer, task, batch_size=cfg.batch_size,
                                            max_new_tokens=cfg.max_new_tokens, advance=advance)

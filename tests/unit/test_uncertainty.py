@@ -181,3 +181,18 @@ def test_a_study_arm_with_seeds_reports_each_seed(tiny_config, tmp_path):
     text = run_study(study, quiet=True).read_text()
     assert "| arm/seed-0 |" in text and "| arm/seed-1 |" in text
     assert (tmp_path / "out" / "st" / "arm" / "aggregate.json").is_file()
+
+
+def test_the_command_line_runs_seeds_and_resumes_them(tiny_config, tmp_path):
+    from typer.testing import CliRunner
+
+    from retain.cli import app
+
+    cfg = tiny_config("cli", eval__probe=False, train__max_steps=2)
+    result = CliRunner().invoke(app, ["run", str(cfg), "--seeds", "3,4", "--quiet"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    folder = tmp_path / "runs" / "cli"
+    assert "over seeds 3, 4" in result.output and "95% interval (seeds and items)" in result.output
+    assert {p.name for p in folder.iterdir()} >= {"seed-3", "seed-4", "aggregate.json", "report.md", "config.yaml"}
+    again = CliRunner().invoke(app, ["run", "--resume", str(folder), "--quiet"], catch_exceptions=False)
+    assert again.exit_code == 0 and json.loads((folder / "aggregate.json").read_text())["seeds"] == [3, 4]

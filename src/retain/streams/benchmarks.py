@@ -219,7 +219,7 @@ _FILES = {"probe_boolq": "cl15_boolq"}
 
 def _shipped(file: str, split: str) -> list[tuple[str, Record]]:
     name = f"{_FILES.get(file, file)}.{split}.jsonl.gz"
-    ref = resources.files("retain.streams").joinpath("data/benchmarks", name)
+    ref = resources.files("retain.streams").joinpath(f"data/benchmarks/{name}")
     if not ref.is_file():
         raise RetainError(f"shipped benchmark file {name} is missing from the retain package (a broken install?)")
     with ref.open("rb") as raw, gzip.open(raw, "rt", encoding="utf-8") as text:

@@ -59,7 +59,7 @@ def overrides(suite: str, name: str, budget: dict) -> list[str]:
 def run(suite: str, name: str, config: str, budget: dict, out: Path) -> dict:
     run_dir = out / suite / name
     retain = str(Path(sys.executable).parent / "retain")
-    if (run_dir / "state.json").is_file() and not (run_dir / "results.json").is_file():
+    if (run_dir / "checkpoints" / "state.json").is_file() and not (run_dir / "results.json").is_file():
         cmd = [retain, "run", "--resume", str(run_dir), "--quiet"]
     else:
         cmd = [retain, "run", str(ROOT / "configs" / f"{config}.yaml"), *overrides(suite, name, budget),

@@ -101,8 +101,21 @@ def run(
 
 @app.command()
 def report(run_dir: Path = typer.Argument(..., help="A finished run directory.")) -> None:
-    """Rebuild report.md, report.html and plots from a run's results.json."""
+    """Rebuild report.md, report.html and plots from a run's results.json (a multi-seed run:
+    its report.md from aggregate.json)."""
     from retain.reporting import load_results, write_report
+    from retain.seeds import AGGREGATE, aggregate_markdown
+
+    if (run_dir / AGGREGATE).is_file():
+        import json
+
+        from retain.io import atomic_write_text
+
+        md = aggregate_markdown(json.loads((run_dir / AGGREGATE).read_text(encoding="utf-8")))
+        atomic_write_text(run_dir / "report.md", md)
+        out.print(md, markup=False, highlight=False)
+        out.print(f"report: {run_dir / 'report.md'}")
+        return
 
     results = load_results(run_dir)
     path = write_report(run_dir, results)

@@ -196,3 +196,6 @@ def test_the_command_line_runs_seeds_and_resumes_them(tiny_config, tmp_path):
     assert {p.name for p in folder.iterdir()} >= {"seed-3", "seed-4", "aggregate.json", "report.md", "config.yaml"}
     again = CliRunner().invoke(app, ["run", "--resume", str(folder), "--quiet"], catch_exceptions=False)
     assert again.exit_code == 0 and json.loads((folder / "aggregate.json").read_text())["seeds"] == [3, 4]
+    (folder / "report.md").unlink()
+    report = CliRunner().invoke(app, ["report", str(folder)], catch_exceptions=False)
+    assert report.exit_code == 0 and (folder / "report.md").read_text().startswith("# cli over seeds 3, 4")

@@ -22,7 +22,7 @@ import yaml
 
 from retain.config import RunConfig
 from retain.errors import RetainError
-from retain.evaluation.uncertainty import seed_intervals
+from retain.evaluation.uncertainty import metric_value, seed_intervals
 from retain.io import atomic_write_json, atomic_write_text
 
 AGGREGATE = "aggregate.json"
@@ -38,21 +38,12 @@ def seed_config(config: RunConfig, run_dir: Path, seed: int) -> RunConfig:
                                      "output_dir": str(run_dir)})
 
 
-def value(results: dict[str, Any], key: str) -> float | None:
-    probe = results.get("probe") or {}
-    if key == "probe":
-        return (probe.get("after_phase") or [None])[-1]
-    if key == "probe_retention":
-        return probe.get("retention")
-    return (results.get("metrics") or {}).get(key)
-
-
 def aggregate(config: RunConfig, runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean, standard deviation, per-seed values and the seeds-and-items interval of each metric."""
     metrics = {}
     bounds = seed_intervals(runs)
     for key in KEYS:
-        values = [value(r, key) for r in runs]
+        values = [metric_value(r, key) for r in runs]
         if any(v is None for v in values):
             continue
         metrics[key] = {"mean": round(statistics.fmean(values), 4),

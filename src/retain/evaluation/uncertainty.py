@@ -215,8 +215,8 @@ def paired(runs_a: Sequence[dict], runs_b: Sequence[dict], reps: int = REPS, see
     sb = _over_runs(runs_b, tables, names, counts, rng, tasks, probes)
     out = {}
     for key in ("AA", "BWT", "FWT", "FM", "probe", "probe_retention"):
-        point_a = _point(runs_a, key)
-        point_b = _point(runs_b, key)
+        point_a = mean_value(runs_a, key)
+        point_b = mean_value(runs_b, key)
         if point_a is None or point_b is None:
             continue
         diff = sa[key] - sb[key]
@@ -259,13 +259,17 @@ def seed_intervals(runs: Sequence[dict], reps: int = REPS, seed: int = 0) -> dic
     return {k: _pair(percentile(v)) for k, v in samples.items()}
 
 
-def _point(runs: Sequence[dict], key: str) -> float | None:
-    values = []
-    for r in runs:
-        probe = r.get("probe") or {}
-        v = {"probe": (probe.get("after_phase") or [None])[-1], "probe_retention": probe.get("retention")}.get(
-            key, (r.get("metrics") or {}).get(key))
-        if v is None:
-            return None
-        values.append(v)
-    return sum(values) / len(values)
+def metric_value(results: dict[str, Any], key: str) -> float | None:
+    """A run's point figure for ``key``: a metric, the probes' final mean or their retention."""
+    probe = results.get("probe") or {}
+    if key == "probe":
+        return (probe.get("after_phase") or [None])[-1]
+    if key == "probe_retention":
+        return probe.get("retention")
+    return (results.get("metrics") or {}).get(key)
+
+
+def mean_value(runs: Sequence[dict], key: str) -> float | None:
+    """``metric_value`` averaged over runs (seeds); None when one run lacks it."""
+    values = [metric_value(r, key) for r in runs]
+    return None if any(v is None for v in values) else sum(values) / len(values)

@@ -95,17 +95,13 @@ def _mean_run(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
     """One row for the table: a single run as it is, several seeds by their means."""
     if len(runs) == 1:
         return runs[0]
-    from retain.seeds import value
-
-    def mean(key: str) -> float | None:
-        values = [value(r, key) for r in runs]
-        return None if any(v is None for v in values) else sum(values) / len(values)
+    from retain.evaluation.uncertainty import mean_value as mean
 
     probe = dict(runs[0].get("probe") or {})
     if probe:
         probe["base"] = sum(r["probe"]["base"] for r in runs) / len(runs)
-        probe["after_phase"] = [mean("probe")]
-        probe["retention"] = mean("probe_retention")
+        probe["after_phase"] = [mean(runs, "probe")]
+        probe["retention"] = mean(runs, "probe_retention")
     return {**runs[0], "name": f"{name} (mean of {len(runs)} seeds)", "intervals": None, "probe": probe,
-            "metrics": {k: mean(k) for k in ("AA", "BWT", "FWT", "FM")},
+            "metrics": {k: mean(runs, k) for k in ("AA", "BWT", "FWT", "FM")},
             "wall_s": sum(r.get("wall_s") or 0 for r in runs)}

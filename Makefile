@@ -38,6 +38,7 @@ benchmarks: setup
 	$(PY) benchmarks/checkpoint.py
 	$(PY) benchmarks/eval_speed.py   # needs ../shared/data (or --data DIR)
 	$(PY) benchmarks/probes.py
+	$(PY) benchmarks/serve.py
 	$(PY) benchmarks/published.py --suite standard-cl
 	$(PY) benchmarks/published.py --suite trace
 

@@ -60,6 +60,9 @@ step es-bench-qwen 150 python3 benchmarks/es.py --model $M/qwen --batches 8 --ro
 run qwen-lora-bf16 lora model=$M/qwen train.max_steps=10 train.precision=bf16 eval.probe_max=8
 run merge lora-per-task-merge train.max_steps=5
 run experts lora-experts train.max_steps=5
+# retain export's vLLM manifest, started as written (skipped with exit 3 when vLLM is not installed).
+step vllm-manifest 240 sh -c "retain export $R/merge $R/merge-export --overwrite && \
+  python3 benchmarks/vllm_check.py $R/merge-export --timeout 200"
 sed -n '/^=== pytest$/,/^=== pytest rc/p' "$LOG" >"$OUT/pytest.txt"
 cp benchmarks/results/es-gpu-* "$OUT/" 2>/dev/null
 

@@ -199,31 +199,51 @@ def main() -> None:
                                                    "train_tokens_per_s")} for n, r in results.items()}}, md)
 
 
+#: Seeded runs score the default probe suite (arc-easy, piqa, hellaswag) on 50 seeded items each:
+#: all 1,500 items after every phase would cost over an hour per run on 2 CPU cores.
+SEEDED_OVERRIDES = ["eval.probe_max=50"]
+
+
 def seeded_suite(args) -> None:
-    """Every run of the suite with ``--seeds``: a killed benchmark resumes the unfinished seeds."""
-    from retain.seeds import AGGREGATE
+    """Every run of the suite with ``--seeds``, resumable seed by seed across sessions.
+
+    Each finished seed's results.json is kept in ``benchmarks/results/<suite>-seeds/<run>/seed-<s>.json``
+    (committed with the code), so a benchmark whose machine went away mid-suite redoes at most the
+    seed that was running; a seed with a checkpoint in ``--out`` resumes from it.
+    """
+    import json
+
+    from retain.config import load_config
+    from retain.reporting.report import fmt
+    from retain.seeds import aggregate
 
     folder = RESULTS / f"{FOLDER[args.suite]}-seeds"
+    seeds = [int(s) for s in args.seeds.split(",")]
+    retain = str(Path(sys.executable).parent / "retain")
     aggregates = {}
     for name in (args.only.split(",") if args.only else SUITES[args.suite]):
-        run_dir = Path(args.out) / "seeds" / name
-        if not args.summarize_only and not (folder / f"{name}.json").is_file():
-            config, overrides = command(name)
-            retain = str(Path(sys.executable).parent / "retain")
-            if (run_dir / "config.yaml").is_file():
-                cmd = [retain, "run", "--resume", str(run_dir), "--quiet"]
-            else:
-                cmd = [retain, "run", str(ROOT / "configs" / f"{config}.yaml"), *overrides,
-                       f"output_dir={Path(args.out) / 'seeds'}", "--seeds", args.seeds, "--quiet"]
-            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-            import json
-
-            atomic_write_json(folder / f"{name}.json", json.loads((run_dir / AGGREGATE).read_text()))
-        if (folder / f"{name}.json").is_file():
-            import json
-
-            aggregates[name] = json.loads((folder / f"{name}.json").read_text())
-    from retain.reporting.report import fmt
+        config, overrides = command(name)
+        overrides = [*SEEDED_OVERRIDES, *overrides, f"name={name}"]
+        runs = []
+        for seed in seeds:
+            kept = folder / name / f"seed-{seed}.json"
+            if not kept.is_file() and not args.summarize_only:
+                run_dir = Path(args.out) / "seeds" / name / f"seed-{seed}"
+                if (run_dir / "checkpoints" / "state.json").is_file() and not (run_dir / "results.json").is_file():
+                    cmd = [retain, "run", "--resume", str(run_dir), "--quiet"]
+                else:
+                    cmd = [retain, "run", str(ROOT / "configs" / f"{config}.yaml"), *overrides, f"seed={seed}",
+                           f"name=seed-{seed}", f"output_dir={run_dir.parent}", "--overwrite", "--quiet"]
+                start = time.perf_counter()
+                subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+                atomic_write_json(kept, load_results(run_dir))
+                print(f"{name} seed {seed}: {time.perf_counter() - start:.0f}s", flush=True)
+            if kept.is_file():
+                runs.append(json.loads(kept.read_text()))
+        if len(runs) == len(seeds):
+            cfg = load_config(ROOT / "configs" / f"{config}.yaml", [*overrides, f"seeds=[{args.seeds}]"])
+            aggregates[name] = aggregate(cfg, runs)
+            atomic_write_json(folder / f"{name}.json", aggregates[name])
 
     def cell(m: dict, key: str) -> str:
         v = m.get(key)
@@ -238,10 +258,14 @@ def seeded_suite(args) -> None:
             for n, a in aggregates.items()]
     m = machine()
     md = "\n".join([f"# `{args.suite}` suite over seeds", "",
-                    f"{m['device']}, {m['torch_threads']} threads, {m['date']}; configs `configs/<run>.yaml`. "
-                    "Cells: mean ± standard deviation over seeds [95% interval over seeds and test items].", "",
+                    f"{m['device']}, {m['torch_threads']} threads, {m['date']}; configs `configs/<run>.yaml` with "
+                    f"{', '.join(f'`{o}`' for o in SEEDED_OVERRIDES)}; one run per seed, each seed's results.json in "
+                    f"`{folder.name}/<run>/`. Cells: mean ± standard deviation over seeds [95% interval over seeds and "
+                    "test items].", "",
                     "| run | strategy | seeds | AA | BWT | FWT | FM | probe retained % |", "|" + "---|" * 8, *rows, ""])
-    write(f"{FOLDER[args.suite]}-seeds", {"machine": m, "runs": aggregates}, md)
+    write(f"{FOLDER[args.suite]}-seeds", {"machine": m, "overrides": SEEDED_OVERRIDES,
+                                          "runs": {n: {k: v for k, v in a.items() if k != "runs"}
+                                                   for n, a in aggregates.items()}}, md)
 
 
 def architecture_table(results: dict) -> list[str]:

@@ -292,6 +292,60 @@ def generate(
 
 
 @app.command()
+def serve(
+    run_dir: Path = typer.Argument(..., help="A finished run directory (one seed's folder of a multi-seed run)."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind (default: this machine only)."),
+    port: int = typer.Option(8000, help="TCP port."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="RETAIN_API_KEY",
+                                          help="Require `Authorization: Bearer KEY` on every request."),
+    max_batch: int = typer.Option(8, min=1, help="Requests for the same adapter answered by one generate call."),
+    max_tokens: int = typer.Option(256, min=1, help="Upper bound on tokens generated per request."),
+) -> None:
+    """Serve the run's models over OpenAI-compatible HTTP: /v1/models, /v1/completions, /v1/chat/completions.
+
+    `model` in a request names a task adapter, a merged adapter, `final` (the model as the run
+    ended), `base` (adapters off), or `auto` (the run's task router picks the adapter; the
+    response's `model` names it). Try: curl localhost:8000/v1/completions -H 'content-type:
+    application/json' -d '{"model": "auto", "prompt": "Is 481 an even number?", "max_tokens": 4}'
+    """
+    try:
+        from retain.serve import serve as run_server
+    except ImportError as exc:
+        raise RetainError(f"retain serve needs the serve extra ({exc.name} is missing): "
+                          "pip install 'retain[serve]'") from None
+    run_server(run_dir, host=host, port=port, api_key=api_key, max_batch=max_batch, max_tokens=max_tokens)
+
+
+@app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="A finished run directory (one seed's folder of a multi-seed run)."),
+    out: Path = typer.Argument(..., help="Folder to write (must not exist unless --overwrite)."),
+    merge: Optional[str] = typer.Option(None, help="Adapter merged into model/ (default: the one the run ends "
+                                        "with, as its probe was scored)."),
+    full_model: bool = typer.Option(True, "--model/--no-model", help="Write model/, the full merged model."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
+) -> None:
+    """Write the run's adapters (PEFT), the merged model (transformers safetensors), a vLLM manifest,
+    the task router, mergekit configs and a model card to OUT."""
+    from retain.export import export as run_export
+
+    manifest = run_export(run_dir, out, merge=merge, full_model=full_model, overwrite=overwrite)
+    lines = [f"exported {run_dir} to {out}"]
+    if manifest.get("adapters"):
+        lines.append(f"  adapters  {', '.join(manifest['adapters'])} (base: {manifest['base']})")
+        lines.append(f"  vllm      cd {out} && {' '.join(manifest['vllm']['command'])}")
+    if manifest.get("model"):
+        merged = manifest["model"]["merged_adapter"]
+        lines.append("  model     model/" + (f" (adapter '{merged}' merged)" if merged else ""))
+    for key in ("router", "mergekit"):
+        if manifest.get(key):
+            value = manifest[key]
+            lines.append(f"  {key:<9} {value if isinstance(value, str) else ', '.join(value.values())}")
+    lines.append("  card      README.md")
+    print("\n".join(lines))  # `out` is the folder here, not the console
+
+
+@app.command()
 def validate(
     config: Path = typer.Argument(..., help="YAML run config."),
     overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides"),

@@ -211,6 +211,9 @@ class RunConfig(BaseModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
+    trackers: list[Literal["tensorboard", "mlflow", "wandb", "trackio"]] = Field(
+        default_factory=list, description="experiment trackers fed through Accelerate (each an optional extra: "
+        "pip install 'retain[trackers]'); files go to <run>/trackers/")
 
     @field_validator("stream", mode="before")
     @classmethod

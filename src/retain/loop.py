@@ -42,6 +42,7 @@ from retain.routing import agnostic_evaluation
 from retain.state import Progress, RunState, phase_seed
 from retain.streams import Stream, Task, build_stream
 from retain.strategies import Context, StrategyStack
+from retain.tracking import Tracking
 from retain.ui import UI
 
 
@@ -56,6 +57,7 @@ class Run:
 
     def __init__(self, config: RunConfig, run_dir: Path, ui: UI, tracker: UpdateTracker | None = None) -> None:
         self.config, self.run_dir, self.ui, self.tracker = config, run_dir, ui, tracker
+        self.tracking: Tracking | None = None  # experiment trackers (config.trackers), set by execute
         self.state = RunState()
         self._harness = None  # an lm-eval session, made at the first evaluation that needs it
         self.start_clock()
@@ -175,8 +177,13 @@ class Run:
                         f"{self.run_dir}`; a smaller train.lr or train.max_grad_norm usually avoids it")
                 progress.tokens += n_tokens
                 progress.losses.append(loss)
+                if self.tracking is not None:
+                    self.tracking.step(loss, scheduler.get_last_lr()[0] if scheduler is not None else None,
+                                       done + step)
                 if self.tracker and step < steps and self.tracker.due(step, steps):
                     self.state.updates.append(self.tracker.measure(ctx, phase, step, done + step))
+                    if self.tracking is not None:
+                        self.tracking.updates(self.state.updates[-1], done + step)
                 advance(1, f"loss {loss:.3f}")
                 if every and step % every == 0 and step < steps:
                     progress.seconds = time.perf_counter() - start
@@ -265,6 +272,10 @@ def check_run(config: RunConfig) -> tuple[Stream, StrategyStack]:
         raise RetainError(f"strategy '{stack.name}': {exc}") from None
     if config.eval.harness is not None:
         check_harness(config, stream, stack)
+    if config.trackers:
+        from retain import tracking
+
+        tracking.check(config.trackers)
     return stream, stack
 
 
@@ -283,7 +294,7 @@ def check_harness(config: RunConfig, stream: Stream, stack: StrategyStack) -> No
                               + (", ".join(PREFIX + n for n in scorable) or "none"))
 
 
-def prepare(config: RunConfig, ui: UI) -> tuple[Context, StrategyStack]:
+def prepare(config: RunConfig, ui: UI, project_dir: Path | None = None) -> tuple[Context, StrategyStack]:
     """Everything that can fail on bad input, before a run directory is touched."""
     stream, stack = check_run(config)
     for key in config.unused_sections():
@@ -291,7 +302,10 @@ def prepare(config: RunConfig, ui: UI) -> tuple[Context, StrategyStack]:
     ui.info(f"loading model [bold]{config.model}[/bold]")
     model, tokenizer = load_model(config.model, trust_remote_code=config.trust_remote_code, seed=config.seed)
     cpu = config.train.device == "cpu" or not torch.cuda.is_available()
-    accelerator = Accelerator(cpu=cpu, mixed_precision=config.train.precision)
+    # Trackers (config.trackers) log through the Accelerator; only a run directory has them.
+    trackers = config.trackers if project_dir is not None else []
+    accelerator = Accelerator(cpu=cpu, mixed_precision=config.train.precision, log_with=trackers or None,
+                              project_dir=str(project_dir / "trackers") if trackers else None)
     ctx = Context(config=config, model=model, tokenizer=tokenizer, accelerator=accelerator, stream=stream)
     torch.manual_seed(config.seed)
     try:
@@ -321,7 +335,7 @@ def execute(config: RunConfig, *, run_dir: Path | None = None, resume: bool = Fa
             )
     # A corrupt checkpoint is refused before the model loads.
     saved = checkpoint.load_state(run_dir) if resume else None
-    ctx, stack = prepare(config, ui)
+    ctx, stack = prepare(config, ui, project_dir=run_dir)
     if not resume and run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -338,6 +352,11 @@ def execute(config: RunConfig, *, run_dir: Path | None = None, resume: bool = Fa
         ui.info(f"resuming {run_dir} after {saved.completed_phases} completed phase(s){inside}")
     # Written only once the checkpoint loaded: a refused resume leaves the run as it was.
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config.resolved(), sort_keys=False))
+    run.tracking = tracking = Tracking(ctx.accelerator, config, run_dir)
+
+    def track(row: list[float], probe: float | None) -> None:
+        suites = {p.name: run.details[p.name] for p in ctx.stream.probes if p.name in run.details}
+        tracking.evaluation(ctx.stream.task_names, row, probe, suites, sum(t["steps"] for t in state.timings))
     run.start_clock()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -345,6 +364,7 @@ def execute(config: RunConfig, *, run_dir: Path | None = None, resume: bool = Fa
     if state.base is None:
         state.base, state.base_probe = run.evaluate(ctx, stack, "base model")
         state.evaluations = [run.evaluation_record("base")]
+        track(state.base, state.base_probe)
         run.checkpoint(ctx, stack)
 
     phases = stack.plan(ctx.stream.tasks)
@@ -366,8 +386,10 @@ def execute(config: RunConfig, *, run_dir: Path | None = None, resume: bool = Fa
             record = tracker.measure(ctx, phase, timing["steps"], steps_done, score=False)
             scores = dict(zip(ctx.stream.task_names, row))
             state.updates.append({**record, "probe": probe, "scores": scores})
+            tracking.updates(record, steps_done)
         state.phases.append(timing["tasks"])
         state.timings.append(timing)
+        track(row, probe)
         state.strategy_stats.append(stack.stats())
         state.completed_phases = phase + 1
         state.peak_memory_mb = max(state.peak_memory_mb, round(peak_memory_mb(), 1))
@@ -377,7 +399,9 @@ def execute(config: RunConfig, *, run_dir: Path | None = None, resume: bool = Fa
     run.finish(ctx, stack)
     state.wall_s = run.wall_s()
     stack.export(ctx, run_dir)
-    return finalize(run_dir, config, ctx.stream, state.to_dict())
+    results = finalize(run_dir, config, ctx.stream, state.to_dict())
+    tracking.finish(results, sum(t["steps"] for t in state.timings))
+    return results
 
 
 def load_run_config(run_dir: Path) -> RunConfig:

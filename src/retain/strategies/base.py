@@ -92,6 +92,9 @@ class Strategy:
     rewrites_input: ClassVar[bool] = False
     #: Relies on the loop's own AdamW step (gradient masks with weight decay 0).
     needs_loop_optimizer: ClassVar[bool] = False
+    #: Why ``retain export`` cannot hand this method's model over as PEFT adapters or plain
+    #: weights (empty: it can). ``retain serve`` serves every method as it runs.
+    not_exportable: ClassVar[str] = ""
     #: Names of strategies this one cannot be combined with, with the reason.
     incompatible: ClassVar[dict[str, str]] = {}
     #: Names of strategies this one needs in the same stack (``merge`` needs ``lora-per-task``).

@@ -145,6 +145,8 @@ class PromptPool(ModelWrapper):
 class L2P(Strategy):
     name = "l2p"
     summary = "Learning to Prompt: a pool of keyed soft prompts chosen per input by the frozen model's query; base frozen"
+    not_exportable = ("its soft prompts are chosen per input by key-query matching in a wrapper around the model, "
+                      "which neither PEFT nor transformers can load")
     options_key = "l2p"
     Options = L2POptions
     owns_parameters = True

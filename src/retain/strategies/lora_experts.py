@@ -168,6 +168,7 @@ class ExpertMixture(ModelWrapper):
 class LoraExperts(Strategy):
     name = "lora-experts"
     summary = "mixture of LoRA experts: k-means clusters of each task's instructions, one expert per cluster, routed"
+    not_exportable = "it routes each input among LoRA experts inside its own layers, which PEFT cannot load"
     options_key = "lora_experts"
     Options = ExpertOptions
     owns_parameters = True

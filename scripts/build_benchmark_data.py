@@ -35,6 +35,10 @@ def records(path: Path) -> list[dict]:
 
 def compact(name: str, rec: dict) -> dict:
     out = {k: rec[k] for k in KEEP if k in rec}
+    # SuperNI's other references, kept only where there are others (a few tasks have them).
+    others = [o for o in rec.get("all_outputs") or [] if o != rec.get("output")]
+    if others:
+        out["all_outputs"] = rec["all_outputs"]
     if name == "cl15_yahoo":
         out["output"] = YAHOO[out["output"]]
         out["options"] = [YAHOO[o] for o in out["options"]]

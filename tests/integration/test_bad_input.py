@@ -134,6 +134,8 @@ RUN_CASES = [
      "field 'options' holds a JSON object"),
     ("options-json-broken", _csv_task('input,output,options\nx,yes,"[""yes"", ""no"""\n'), "is not a valid JSON list"),
     ("output-not-option", _rows("b_test.jsonl", [{**CHOICE, "output": "maybe"}]), "output 'maybe' is not one of"),
+    ("references-not-list", _rows("a_test.jsonl", [{"input": "a", "output": "A", "all_outputs": "A"}]),
+     "a_test.jsonl:1: field 'all_outputs' must be a list of texts"),
     ("choice-no-options", _rows("b_test.jsonl", [{"input": "x", "output": "yes"}]),
      "metric 'choice' needs an options list in field 'options'"),
     ("empty-test", _write("b_test.jsonl", ""), "task 'small': test data"),

@@ -242,6 +242,7 @@ def test_superni_layout_is_read_with_the_definition(tmp_path):
             _dump(tmp_path / "CL_Benchmark" / task.upstream / f"{split}.json", data)
     task = named_stream("superni-cl", 2, str(tmp_path)).tasks[0]
     assert task.name == "task1687" and task.test[1].output == "out 1"
+    assert task.test[1].answers == ("out 1", "x")  # every reference is kept, the first is the output
     assert task.prompt(None, task.test[1]) == "Definition: Do task1687.\n\nInput: in 1\nOutput:"
 
 
@@ -258,3 +259,18 @@ def test_a_broken_upstream_copy_names_the_file_and_what_is_expected(tmp_path, da
     damage(tmp_path)
     with pytest.raises(RetainError, match=fragment):
         named_stream("standard-cl", 1, str(tmp_path))
+
+
+def test_superni_items_with_several_references_score_the_best_one():
+    from retain.evaluation.scoring import item_score
+    from retain.evaluation.text_metrics import rouge_l
+
+    task = {t.name: t for t in named_stream("superni-cl").tasks}["task748"]
+    multi = [ex for ex in task.test if ex.references]
+    assert len(multi) == 23 and all(ex.answers[0] == ex.output and len(ex.answers) > 1 for ex in multi)
+    ex = multi[0]
+    other = ex.answers[1]
+    # An answer equal to the second reference scores 100, though it differs from the first.
+    assert rouge_l(other, ex.output) < 100 and item_score("rouge_l", other, ex) == 100.0
+    assert item_score("exact_match", other, ex) == 100.0
+    assert item_score("rouge_l", "zzz", ex) == 0.0

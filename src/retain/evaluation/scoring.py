@@ -290,11 +290,11 @@ def item_score(metric: str, answer: str, example: Example) -> float:
     from retain.evaluation import text_metrics as tm
 
     if metric == "exact_match":
-        return 100.0 * (normalize(answer) == normalize(example.output))
-    if metric == "rouge_l":
-        return tm.rouge_l(answer, example.output)
+        return 100.0 * any(normalize(answer) == normalize(ref) for ref in example.answers)
+    if metric == "rouge_l":  # the best reference, as SuperNI's and SAPT's evaluation take it
+        return max(tm.rouge_l(answer, ref) for ref in example.answers)
     if metric == "sari":
-        return tm.sari(example.input, answer, [example.output])
+        return tm.sari(example.input, answer, list(example.answers))
     if metric == "edit_similarity":
         # The reference line as a model should write it: the first line, without the outer spaces.
         return tm.edit_similarity(answer.strip().split("\n", 1)[0], example.output.strip())

@@ -51,7 +51,7 @@ def _text(record: dict[str, Any], name: str, where: str) -> str:
 
 def make_example(
     record: dict[str, Any], where: str, *, input_field: str, output_field: str, options_field: str, metric: str,
-    labels_field: str = "option_labels",
+    labels_field: str = "option_labels", references_field: str = "all_outputs",
 ) -> Example:
     """Build an Example; for ``choice`` the output may also be one of the item's own option
     labels (ARC's ``answerKey`` among ``option_labels`` "A".."E" or "1".."4"), an option
@@ -85,7 +85,16 @@ def make_example(
                     "(nor an option index or letter)"
                 )
     text = _text(record, input_field, where) if record.get(input_field) is not None else ""
-    return Example(input=text, output=output, options=options)
+    references = None
+    refs = record.get(references_field)
+    if options is None and refs is not None:
+        if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):
+            raise RetainError(f"{where}: field '{references_field}' must be a list of texts (every acceptable "
+                              "answer)")
+        # ``output`` first, then the other references once each.
+        references = tuple(dict.fromkeys([output, *refs]))
+        references = references if len(references) > 1 else None
+    return Example(input=text, output=output, options=options, references=references)
 
 
 def _read_text(path: Path) -> str:

@@ -19,6 +19,13 @@ class Example:
     input: str
     output: str
     options: tuple[str, ...] | None = None
+    #: Every acceptable answer of a generated task, ``output`` first (SuperNI lists several);
+    #: ROUGE-L, SARI and exact match score the best of them. None: ``output`` alone.
+    references: tuple[str, ...] | None = None
+
+    @property
+    def answers(self) -> tuple[str, ...]:
+        return self.references or (self.output,)
 
     @property
     def answer_index(self) -> int:

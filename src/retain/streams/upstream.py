@@ -94,8 +94,10 @@ def _superni(folder: Path) -> tuple[Rows, Rows]:
             if not outputs or "input" not in inst:
                 raise RetainError(f"{path}: instance {i} needs 'input' and a non-empty 'output' list")
             output = outputs[0] if isinstance(outputs, list) else outputs
+            others = outputs if isinstance(outputs, list) and len(outputs) > 1 else None
             rows.append((f"{path} instance {i}", {"input": inst["input"], "output": output,
-                                                  "instruction": definition[0]}))
+                                                  "instruction": definition[0],
+                                                  **({"all_outputs": others} if others else {})}))
         out.append(rows)
     return out[0], out[1]
 

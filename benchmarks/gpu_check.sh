@@ -58,6 +58,9 @@ step pytest 200 python3 -m pytest -q -m "not embedded" -n 8 -p no:cacheprovider 
 step es-bench-qwen 150 python3 benchmarks/es.py --model $M/qwen --batches 8 --rounds 2 --dtype bfloat16 \
   --max-new-tokens 16 --segments 1 4 16 --name es-gpu-qwen15
 run qwen-lora-bf16 lora model=$M/qwen train.max_steps=10 train.precision=bf16 eval.probe_max=8
+# QLoRA on the same shape: peak memory against the bf16 LoRA run above (needs bitsandbytes there,
+# carried as a wheel: pip download bitsandbytes, see the device notes).
+run qwen-qlora-nf4 lora model=$M/qwen model_quantization=nf4 train.max_steps=10 train.precision=bf16 eval.probe_max=8
 run merge lora-per-task-merge train.max_steps=5
 run experts lora-experts train.max_steps=5
 # retain export's vLLM manifest, started as written (skipped with exit 3 when vLLM is not installed).

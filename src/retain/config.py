@@ -200,6 +200,9 @@ class RunConfig(BaseModel):
 
     name: RunName
     model: str = "smollm2-135m-instruct"
+    model_quantization: Literal["nf4", "int8"] | None = Field(
+        default=None, description="load the base through bitsandbytes (QLoRA: nf4, double quantization, bf16 "
+        "compute; or int8) and train LoRA adapters on it; CUDA only")
     trust_remote_code: bool = False
     stream: StreamSpec | None = None
     tasks: list[TaskSpec] | None = None

@@ -276,6 +276,9 @@ def check_run(config: RunConfig) -> tuple[Stream, StrategyStack]:
         from retain import tracking
 
         tracking.check(config.trackers)
+    from retain.models import quantization
+
+    quantization.check(config, stack)
     return stream, stack
 
 
@@ -300,7 +303,12 @@ def prepare(config: RunConfig, ui: UI, project_dir: Path | None = None) -> tuple
     for key in config.unused_sections():
         ui.info(f"note: section '{key}' configures a method not in strategy '{config.strategy}'; it is not used")
     ui.info(f"loading model [bold]{config.model}[/bold]")
-    model, tokenizer = load_model(config.model, trust_remote_code=config.trust_remote_code, seed=config.seed)
+    model, tokenizer = load_model(config.model, trust_remote_code=config.trust_remote_code, seed=config.seed,
+                                  quantization=config.model_quantization)
+    if config.model_quantization is not None:
+        from retain.models.quantization import prepare_for_training
+
+        model = prepare_for_training(model)
     cpu = config.train.device == "cpu" or not torch.cuda.is_available()
     # Trackers (config.trackers) log through the Accelerator; only a run directory has them.
     trackers = config.trackers if project_dir is not None else []

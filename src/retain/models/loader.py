@@ -116,32 +116,45 @@ def _load_gguf(path: Path) -> tuple[PreTrainedModel, object]:
     return _load_dir(str(cached), trust_remote_code=False, local_only=True)
 
 
-def _load_dir(location: str, trust_remote_code: bool, local_only: bool) -> tuple[PreTrainedModel, object]:
+def _load_dir(location: str, trust_remote_code: bool, local_only: bool,
+              quantization: str | None = None) -> tuple[PreTrainedModel, object]:
     kwargs = dict(trust_remote_code=trust_remote_code)
     if local_only:
         kwargs["local_files_only"] = True
+    weights: dict = {"dtype": torch.float32}
+    if quantization is not None:
+        from retain.models.quantization import bnb_config
+
+        weights = {"dtype": torch.bfloat16, "quantization_config": bnb_config(quantization), "device_map": {"": 0}}
     try:
         tok = AutoTokenizer.from_pretrained(location, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(location, **weights, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise RetainError(f"model '{location}' could not be loaded: {first}") from None
     return model, tok
 
 
-def load_model(spec: str, *, trust_remote_code: bool = False, seed: int = 0):
-    """Return ``(model, tokenizer)`` in float32, eval mode, with a pad token set."""
+def load_model(spec: str, *, trust_remote_code: bool = False, seed: int = 0, quantization: str | None = None):
+    """Return ``(model, tokenizer)`` in float32 (or k-bit through bitsandbytes when ``quantization``
+    is ``nf4``/``int8``), eval mode, with a pad token set."""
     from retain.models.tiny import tiny_model, tiny_tokenizer
 
     kind, location = resolve_model_spec(spec)
     if kind == "tiny":
         tok = tiny_tokenizer()
         model = tiny_model(len(tok), seed=seed)
+    elif kind == "gguf" and quantization is not None:
+        cached = gguf_cache(Path(location))
+        if not (cached / "config.json").is_file():
+            _load_gguf(Path(location))  # de-quantizes once into the cache folder, which bitsandbytes reads
+        model, tok = _load_dir(str(cached), False, local_only=True, quantization=quantization)
     elif kind == "gguf":
         model, tok = _load_gguf(Path(location))
     else:
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-        model, tok = _load_dir(location, trust_remote_code, local_only=kind == "dir" or offline)
+        model, tok = _load_dir(location, trust_remote_code, local_only=kind == "dir" or offline,
+                               quantization=quantization)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model.config.pad_token_id = tok.pad_token_id

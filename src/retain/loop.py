@@ -42,6 +42,7 @@ from retain.routing import agnostic_evaluation
 from retain.state import Progress, RunState, phase_seed
 from retain.streams import Stream, Task, build_stream
 from retain.strategies import Context, StrategyStack
+from retain.analysis.cost import matmul_parameters, phase_cost
 from retain.tracking import Tracking
 from retain.ui import UI
 
@@ -208,11 +209,14 @@ class Run:
         ctx.accelerator.free_memory()
         stack.after_task(ctx, tasks)
         losses = progress.losses
+        device = torch.cuda.get_device_name(ctx.accelerator.device) if ctx.accelerator.device.type == "cuda" else None
+        cost = phase_cost(matmul_parameters(ctx.accelerator.unwrap_model(ctx.model)), trainable, progress.tokens,
+                          seconds, ctx.accelerator.num_processes, device, cfg.precision)
         return {
             "phase": phase, "tasks": [t.name for t in tasks], "steps": steps, "train_s": round(seconds, 3),
             "trainable_parameters": trainable,
             "tokens": progress.tokens, "tokens_per_s": round(progress.tokens / seconds, 1) if seconds else None,
-            "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+            "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None, **cost,
         }
 
     def gradient_step(self, ctx: Context, stack: StrategyStack, items: list, params: list, optimizer,

@@ -66,3 +66,24 @@ def test_next_token_kl_is_zero_for_equal_and_matches_hand_value():
     q = torch.log(torch.tensor([[0.9, 0.1]]))
     assert next_token_kl(p, p) == 0.0
     assert next_token_kl(p, q) == pytest.approx(0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1), rel=1e-5)
+
+
+def test_phase_flops_count_every_matmul_weight_and_mfu_needs_a_known_gpu():
+    import torch.nn as nn
+
+    from retain.analysis.cost import matmul_parameters, phase_cost
+    from retain.models import load_model
+
+    model, _ = load_model("tiny-random")
+    # By hand: the weights of every Linear (the output head too, tied or not) and of every norm.
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    norms = sum(p.numel() for n, p in model.named_parameters() if "norm" in n)
+    assert matmul_parameters(model) == linear + norms
+    n = matmul_parameters(model)
+    full = phase_cost(n, n, tokens=1000, seconds=2.0, processes=1, device_name=None, precision="no")
+    assert full["flops_estimate"] == 6 * n * 1000 and full["mfu"] is None  # 6N per token when all weights train
+    lora = phase_cost(n, 100, tokens=1000, seconds=2.0, processes=2, device_name="NVIDIA H200", precision="bf16")
+    assert lora["flops_estimate"] == (4 * n + 200) * 1000
+    assert lora["mfu"] == round(lora["flops_estimate"] / 2.0 / (989e12 * 2), 4)
+    assert lora["tokens_per_s_per_process"] == 250.0
+    assert phase_cost(n, n, 1000, 2.0, 1, "NVIDIA H200", "no")["mfu"] is None  # float32: no single peak

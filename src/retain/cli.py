@@ -1,4 +1,4 @@
-"""The ``retain`` command line: run, report, compare, study, list, generate, validate."""
+"""The ``retain`` command line: run, report, compare, study, list, generate, serve, export, validate."""
 
 from __future__ import annotations
 
@@ -291,7 +291,17 @@ def generate(
     out.print(answer.strip(), markup=False, highlight=False)
 
 
-@app.command()
+SERVE_HELP = (
+    "Serve the run's models over OpenAI-compatible HTTP: /v1/models, /v1/completions, /v1/chat/completions "
+    "(stream: true for server-sent events).\n\n"
+    "`model` in a request names a task adapter, a merged adapter, `final` (the model as the run ended), `base` "
+    "(adapters off) or `auto` (the run's task router picks the adapter; the response's `model` names it).\n\n"
+    "Try: curl localhost:8000/v1/completions -H 'content-type: application/json' -d "
+    "'{\"model\": \"auto\", \"prompt\": \"Is 481 an even number?\", \"max_tokens\": 4, \"temperature\": 0}'"
+)
+
+
+@app.command(help=SERVE_HELP)
 def serve(
     run_dir: Path = typer.Argument(..., help="A finished run directory (one seed's folder of a multi-seed run)."),
     host: str = typer.Option("127.0.0.1", help="Address to bind (default: this machine only)."),
@@ -301,13 +311,7 @@ def serve(
     max_batch: int = typer.Option(8, min=1, help="Requests for the same adapter answered by one generate call."),
     max_tokens: int = typer.Option(256, min=1, help="Upper bound on tokens generated per request."),
 ) -> None:
-    """Serve the run's models over OpenAI-compatible HTTP: /v1/models, /v1/completions, /v1/chat/completions.
-
-    `model` in a request names a task adapter, a merged adapter, `final` (the model as the run
-    ended), `base` (adapters off), or `auto` (the run's task router picks the adapter; the
-    response's `model` names it). Try: curl localhost:8000/v1/completions -H 'content-type:
-    application/json' -d '{"model": "auto", "prompt": "Is 481 an even number?", "max_tokens": 4}'
-    """
+    """Serve the run's models over OpenAI-compatible HTTP: /v1/models, /v1/completions, /v1/chat/completions."""
     try:
         from retain.serve import serve as run_server
     except ImportError as exc:

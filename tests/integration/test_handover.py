@@ -292,3 +292,20 @@ def test_export_refusals_leave_nothing_behind(per_task_run, tmp_path):
         export(l2p, tmp_path / "c")
     assert not (tmp_path / "c").exists()
     assert not list(tmp_path.glob(".c.*"))
+
+
+def test_cli_export_prints_what_it_wrote_and_serve_refuses_an_unfinished_run(per_task_run, tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "retain.cli", "export", per_task_run, tmp_path / "x", "--no-model"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "vllm      cd " in out.stdout and "router    router.json" in out.stdout
+    assert not (tmp_path / "x" / "model").exists() and (tmp_path / "x" / "adapters" / "upper").is_dir()
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "config.yaml").write_text("name: half\n")
+    bad = subprocess.run([sys.executable, "-m", "retain.cli", "serve", tmp_path / "half"], capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: ")
+    assert "is not a finished run (no results.json); finish it with `retain run --resume" in bad.stderr

@@ -180,6 +180,24 @@ class EvalConfig(_Strict):
         return names + (["custom"] if self.probe_file and self.probe is not False else [])
 
 
+class OnlineConfig(_Strict):
+    """Task-free online learning: the stream as one pass of mini-batches with hidden boundaries."""
+
+    boundaries: Literal["sharp", "blurry"] = Field(default="sharp", description="sharp: the tasks in order, the "
+                                                   "boundary hidden; blurry: neighbouring tasks mix near it")
+    blur: float = Field(default=0.1, ge=0, le=1, description="blurry: standard deviation of each example's "
+                        "position, in task lengths (about 2x this fraction of a task mixes across a boundary)")
+    passes: int = Field(default=1, ge=1, le=100, description="gradient steps on each incoming batch")
+    eval_every: int | None = Field(default=None, ge=1, description="examples between anytime evaluations of "
+                                   "every task (default: 4 per task's length), and at each hidden boundary")
+    probe_every: int | None = Field(default=None, ge=1, description="examples between probe evaluations "
+                                    "(default: at the hidden boundaries only)")
+    prequential: bool = Field(default=True, description="score each incoming batch before training on it "
+                              "(online accuracy)")
+    task_labels: bool = Field(default=False, description="let strategies see each example's task (task-aware "
+                              "online learning); off: every item says task 'stream'")
+
+
 class AnalysisConfig(_Strict):
     """Update analysis (dW = W - W0): off unless enabled, since it keeps a copy of W0."""
 
@@ -214,6 +232,8 @@ class RunConfig(BaseModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
+    online: OnlineConfig | None = Field(default=None, description="task-free online learning: one pass over "
+                                        "the stream with hidden boundaries and anytime evaluation")
     trackers: list[Literal["tensorboard", "mlflow", "wandb", "trackio"]] = Field(
         default_factory=list, description="experiment trackers fed through Accelerate (each an optional extra: "
         "pip install 'retain[trackers]'); files go to <run>/trackers/")

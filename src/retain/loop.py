@@ -41,8 +41,9 @@ from retain.models import load_model
 from retain.routing import agnostic_evaluation
 from retain.state import Progress, RunState, phase_seed
 from retain.streams import Stream, Task, build_stream
-from retain.strategies import Context, StrategyStack
+from retain.strategies import Context, StrategyStack, registry
 from retain.analysis.cost import matmul_parameters, phase_cost
+from retain.online import OnlineRun
 from retain.tracking import Tracking
 from retain.ui import UI
 
@@ -59,6 +60,7 @@ class Run:
     def __init__(self, config: RunConfig, run_dir: Path, ui: UI, tracker: UpdateTracker | None = None) -> None:
         self.config, self.run_dir, self.ui, self.tracker = config, run_dir, ui, tracker
         self.tracking: Tracking | None = None  # experiment trackers (config.trackers), set by execute
+        self.online: OnlineRun | None = None  # online mode (config.online), set by execute
         self.state = RunState()
         self._harness = None  # an lm-eval session, made at the first evaluation that needs it
         self.start_clock()
@@ -74,12 +76,14 @@ class Run:
 
     # -- evaluation -----------------------------------------------------------------
     def evaluate(self, ctx: Context, stack: StrategyStack, label: str,
-                 route: Callable[[str | None], ContextManager] | None = None) -> tuple[list[float], float | None]:
-        """Every task and every probe, each under ``route(task)`` (default: the stack's routing).
-        Returns the tasks' scores and the probes' mean (each probe's score is in ``details``)."""
+                 route: Callable[[str | None], ContextManager] | None = None,
+                 probes: bool = True) -> tuple[list[float], float | None]:
+        """Every task and (unless ``probes`` is false) every probe, each under ``route(task)``
+        (default: the stack's routing). Returns the tasks' scores and the probes' mean (each
+        probe's score is in ``details``)."""
         route = route or (lambda task: stack.route(ctx, task))
         stream, cfg = ctx.stream, self.config.eval
-        tasks = stream.tasks + stream.probes
+        tasks = stream.tasks + (stream.probes if probes else [])
         total = sum(work_units(t, len(t.test)) for t in tasks)
         scores: list[float] = []
         probes: list[float] = []
@@ -126,7 +130,10 @@ class Run:
         # Every phase starts in eval mode, as it does after the previous phase or in a resumed
         # process: importance scores and teacher snapshots taken here see no dropout.
         ctx.model.eval()
-        stack.before_task(ctx, tasks)
+        online = self.online
+        # Online mode: the strategies see one task without identity, whatever the stream holds.
+        hook_tasks = online.hook_tasks() if online else tasks
+        stack.before_task(ctx, hook_tasks)
         params = stack.trainable_parameters(ctx)
         if not params:
             raise RetainError(f"strategy '{stack.name}' left no trainable parameters for phase {phase}")
@@ -137,15 +144,19 @@ class Run:
         trainable = sum(p.numel() for p in params)
         keys = [n for n, p in ctx.model.named_parameters() if id(p) in ids]
 
-        steps = cfg.max_steps * len(tasks)
+        steps = online.steps if online else cfg.max_steps * len(tasks)
         optimizer = scheduler = None
         if not (stack.takes_over_phase or stack.takes_over_step):
             optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
             scheduler = stack.schedule(ctx, optimizer, steps) or get_scheduler(
                 "constant_with_warmup", optimizer, num_warmup_steps=cfg.warmup_steps)
             optimizer, scheduler = ctx.accelerator.prepare(optimizer, scheduler)
-        items = [item for task in tasks for item in task.items(ctx.tokenizer)]
-        batches = stack.batches(ctx, tasks, batch_stream(items, cfg.batch_size, rng))
+        if online:
+            source = online.batches(ctx.tokenizer)
+        else:
+            items = [item for task in tasks for item in task.items(ctx.tokenizer)]
+            source = batch_stream(items, cfg.batch_size, rng)
+        batches = stack.batches(ctx, hook_tasks, source)
         ctx.model.train()
         every = cfg.checkpoint_every if stack.resumes_mid_phase else 0
         progress = self.state.progress if self.state.progress and self.state.progress.phase == phase else None
@@ -186,6 +197,8 @@ class Run:
                     if self.tracking is not None:
                         self.tracking.updates(self.state.updates[-1], done + step)
                 advance(1, f"loss {loss:.3f}")
+                if online:
+                    self.online_evaluations(ctx, stack, step)
                 if every and step % every == 0 and step < steps:
                     progress.seconds = time.perf_counter() - start
                     progress.strategy = stack.phase_state()
@@ -197,6 +210,9 @@ class Run:
             # gradient step (evolution strategies); otherwise: loss, backward, clip, step.
             if not stack.train_phase(ctx, tasks, steps, on_step):
                 for items_batch in islice(batches, steps - skip):
+                    if online:
+                        online.before_step(ctx, progress.step, lambda task, examples: self.item_scores(ctx, task,
+                                                                                                        examples))
                     on_step(*(stack.step(ctx, items_batch)
                               or self.gradient_step(ctx, stack, items_batch, params, optimizer, scheduler)))
         seconds = time.perf_counter() - start
@@ -207,7 +223,7 @@ class Run:
         # AdamW state, twice the trainable weights) before the next phase makes its own.
         optimizer = scheduler = None
         ctx.accelerator.free_memory()
-        stack.after_task(ctx, tasks)
+        stack.after_task(ctx, hook_tasks)
         losses = progress.losses
         device = torch.cuda.get_device_name(ctx.accelerator.device) if ctx.accelerator.device.type == "cuda" else None
         cost = phase_cost(matmul_parameters(ctx.accelerator.unwrap_model(ctx.model)), trainable, progress.tokens,
@@ -218,6 +234,30 @@ class Run:
             "tokens": progress.tokens, "tokens_per_s": round(progress.tokens / seconds, 1) if seconds else None,
             "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None, **cost,
         }
+
+    def item_scores(self, ctx: Context, task: Task, examples: list) -> list[float]:
+        """Each example's score under the model as it is (its task's own metric)."""
+        result = evaluate_task(ctx.model, ctx.tokenizer, task, examples, batch_size=self.config.eval.batch_size,
+                               max_new_tokens=self.config.eval.max_new_tokens)
+        ctx.model.train()
+        return result.items if result.items is not None else [result.value] * len(examples)
+
+    def online_evaluations(self, ctx: Context, stack: StrategyStack, step: int) -> None:
+        """Anytime evaluations due after ``step``; at a hidden boundary also a row of R."""
+        online, state = self.online, self.state
+        for examples in online.due(step):
+            boundary = online.is_boundary(examples)
+            probes = online.wants_probe(examples)
+            row, probe = self.evaluate(ctx, stack, f"at {examples} examples", probes=probes)
+            online.record(examples, row, probe)
+            if boundary is not None:
+                state.R.append(row)
+                state.probe.append(probe)
+                state.evaluations.append(self.evaluation_record([ctx.stream.task_names[boundary]]))
+                state.phases.append([ctx.stream.task_names[boundary]])
+                self.ui.info(f"  hidden boundary after {ctx.stream.task_names[boundary]} ({examples} examples): "
+                             + "  ".join(f"{n}={v:.1f}" for n, v in zip(ctx.stream.task_names, row)))
+        ctx.model.train()
 
     def gradient_step(self, ctx: Context, stack: StrategyStack, items: list, params: list, optimizer,
                       scheduler) -> tuple[float, int]:
@@ -283,7 +323,25 @@ def check_run(config: RunConfig) -> tuple[Stream, StrategyStack]:
     from retain.models import quantization
 
     quantization.check(config, stack)
+    if config.online is not None:
+        check_online(config, stack)
     return stream, stack
+
+
+def check_online(config: RunConfig, stack: StrategyStack) -> None:
+    """Online mode hides the boundaries: a strategy that needs them is refused, with why."""
+    free = sorted(n for n, c in registry().items() if c.task_free)
+    for s in stack.strategies:
+        if s.task_free:
+            continue
+        why = ("it keys its state by each phase's task" if s.per_task_phases else
+               "it freezes each task's parameters at the task's end" if s.freezes_earlier else
+               "it consolidates the weights at each task's end" if s.anchors_weights else
+               "it snapshots the model as a teacher at each task's start" if s.distils_previous_model else
+               "it plans its own phases" if "plan" in s.overridden() else
+               "it acts at task starts or ends")
+        raise RetainError(f"online: strategy '{s.name}' needs task boundaries ({why}), which online mode hides; "
+                          f"task-free strategies: {', '.join(free)}")
 
 
 def check_harness(config: RunConfig, stream: Stream, stack: StrategyStack) -> None:
@@ -379,7 +437,10 @@ def execute(config: RunConfig, *, run_dir: Path | None = None, resume: bool = Fa
         track(state.base, state.base_probe)
         run.checkpoint(ctx, stack)
 
-    phases = stack.plan(ctx.stream.tasks)
+    # Online mode: the whole stream is one phase, presented by the online schedule.
+    phases = [list(ctx.stream.tasks)] if config.online else stack.plan(ctx.stream.tasks)
+    if config.online:
+        run.online = OnlineRun(config, ctx.stream, state)
     for phase, tasks in enumerate(phases):
         if phase < state.completed_phases:
             continue
@@ -391,6 +452,9 @@ def execute(config: RunConfig, *, run_dir: Path | None = None, resume: bool = Fa
         timing["eval_s"] = round(time.perf_counter() - eval_start, 3)
         state.R.append(row)
         state.probe.append(probe)
+        if run.online:  # the stream's end: its last hidden boundary
+            run.online.record(run.online.total, row, probe)
+            timing["tasks"] = [ctx.stream.task_names[-1]]
         state.evaluations.append(run.evaluation_record(timing["tasks"]))
         if tracker:
             steps_done = sum(t["steps"] for t in state.timings) + timing["steps"]

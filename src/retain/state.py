@@ -61,6 +61,8 @@ class RunState:
     wall_s: float = 0.0
     routing: dict[str, Any] | None = None
     final: dict[str, Any] | None = None
+    #: Online mode: the anytime-evaluation curve, prequential scores, hidden boundaries.
+    online: dict[str, Any] | None = None
     progress: Progress | None = None
     #: Checkpoint files this state goes with ("trained", "strategy"), by role.
     files: dict[str, str] = field(default_factory=dict)

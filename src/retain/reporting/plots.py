@@ -62,6 +62,29 @@ def curves(results: dict[str, Any], path: Path) -> Path:
     return save_figure(fig, path)
 
 
+def online(results: dict[str, Any], path: Path) -> Path:
+    """Online mode: every task's score against examples seen, the hidden boundaries marked,
+    and where a strategy said the stream shifted."""
+    o = results["online"]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    xs = [0] + [c["examples"] for c in o["curve"]]
+    for j, name in enumerate(results["tasks"]):
+        ax.plot(xs, [results["base"][j]] + [c["scores"][j] for c in o["curve"]], marker=".", label=name)
+    ax.plot(xs[1:], [c["seen_mean"] for c in o["curve"]], "k-", linewidth=2, label="mean over tasks seen")
+    for b in o["boundaries"][:-1]:
+        ax.axvline(b, color="grey", linestyle="--", linewidth=1)
+    for s in o.get("shifts") or []:
+        ax.axvline(s, color="red", linestyle=":", linewidth=1)
+    ax.set_xlabel("examples seen (dashed: hidden task boundaries" + ("; dotted: detected shifts)"
+                                                                      if o.get("shifts") else ")"))
+    ax.set_ylabel("score")
+    ax.set_title(f"{results['name']}: anytime evaluation (AAA {o['AAA']:.1f})" if o.get("AAA") is not None
+                 else f"{results['name']}: anytime evaluation")
+    ax.legend(fontsize=8, loc="best")
+    ax.grid(alpha=0.3)
+    return save_figure(fig, path)
+
+
 def updates(results: dict[str, Any], path: Path) -> Path:
     """||dW|| / ||W0|| and KL to the base against training step; the probe against ||dW||."""
     recs = results["updates"]

@@ -67,6 +67,7 @@ def markdown(results: dict[str, Any], images: dict[str, str]) -> str:
     lines += markdown_table(["", *tasks], rows) + [""]
     if ci:
         lines += ["Cells: score [95% interval: Wilson for accuracies, else bootstrap over items].", ""]
+    lines += online_section(results)
     lines += probe_section(results)
     lines += forgotten_section(results)
     lines += ["## Timing", ""]
@@ -83,6 +84,28 @@ def markdown(results: dict[str, Any], images: dict[str, str]) -> str:
     for title, rel in images.items():
         lines += [f"![{title}]({rel})", ""]
     return "\n".join(lines)
+
+
+def online_section(results: dict[str, Any]) -> list[str]:
+    """Online mode: how the stream was presented, AAA, online accuracy, the anytime curve."""
+    o = results.get("online")
+    if not o:
+        return []
+    lines = ["## Online (task-free) learning", "",
+             f"One pass over {o['examples']} examples ({o['schedule']} boundaries"
+             + (f", blur {o['blur']}" if o["schedule"] == "blurry" else "") + f", {o['passes']} step(s) per batch); "
+             f"hidden boundaries after {', '.join(str(b) for b in o['boundaries'][:-1]) or 'none'} examples. "
+             "The rows of R above are the evaluations at those boundaries.", "",
+             f"AAA (mean over evaluations of the mean score over the tasks seen so far): {fmt(o.get('AAA'))}. "
+             f"Online accuracy (each incoming batch scored before it trains): {fmt(o.get('online_accuracy'))}"
+             + (" (" + ", ".join(f"{t} {fmt(v)}" for t, v in o["online_accuracy_per_task"].items()) + ")"
+                if o.get("online_accuracy_per_task") else "") + ".", ""]
+    if o.get("shifts") is not None:
+        lines += [f"Shifts detected at {', '.join(str(s) for s in o['shifts']) or 'none'} examples "
+                  f"(hidden boundaries: {', '.join(str(b) for b in o['boundaries'][:-1])}).", ""]
+    rows = [[str(c["examples"]), *[fmt(v) for v in c["scores"]], fmt(c["seen_mean"]), fmt(c.get("probe"))]
+            for c in o["curve"]]
+    return lines + [*markdown_table(["examples", *results["tasks"], "mean seen", "probe"], rows), ""]
 
 
 def probe_section(results: dict[str, Any]) -> list[str]:
@@ -213,6 +236,9 @@ def write_report(run_dir: str | Path, results: dict[str, Any]) -> Path:
         plots.heatmap(results, run_dir / "plots" / "accuracy_matrix.png")
         plots.curves(results, run_dir / "plots" / "curves.png")
         images = {"accuracy matrix": "plots/accuracy_matrix.png", "scores after each phase": "plots/curves.png"}
+    if (results.get("online") or {}).get("curve"):
+        plots.online(results, run_dir / "plots" / "online.png")
+        images["anytime evaluation"] = "plots/online.png"
     if results.get("updates"):
         plots.updates(results, run_dir / "plots" / "updates.png")
         images["update analysis"] = "plots/updates.png"

@@ -124,6 +124,13 @@ def build_results(config, stream, state: dict[str, Any]) -> dict[str, Any]:
         # Strategies' evaluations after the last phase (e.g. merged adapters), by strategy.
         "final": state.get("final", {}),
     }
+    if state.get("online"):
+        from retain.online import summary
+
+        # Online mode: the anytime curve, prequential scores, hidden boundaries, AAA.
+        results["online"] = {**state["online"], **summary(state["online"])}
+        results["metrics"]["AAA"] = results["online"]["AAA"]
+        results["metrics"]["online_accuracy"] = results["online"]["online_accuracy"]
     results["intervals"] = intervals(results)
     return results
 

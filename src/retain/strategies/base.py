@@ -95,6 +95,9 @@ class Strategy:
     #: Why ``retain export`` cannot hand this method's model over as PEFT adapters or plain
     #: weights (empty: it can). ``retain serve`` serves every method as it runs.
     not_exportable: ClassVar[str] = ""
+    #: Works without task boundaries (``online:`` mode): it neither keys state by task nor acts
+    #: at a task's start or end in a way the method needs.
+    task_free: ClassVar[bool] = False
     #: Names of strategies this one cannot be combined with, with the reason.
     incompatible: ClassVar[dict[str, str]] = {}
     #: Names of strategies this one needs in the same stack (``merge`` needs ``lora-per-task``).

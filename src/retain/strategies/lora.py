@@ -14,6 +14,7 @@ __all__ = ["Lora", "LoraOptions"]
 class Lora(Strategy):
     name = "lora"
     summary = "one shared LoRA adapter trained through the stream, base weights frozen"
+    task_free = True
     options_key = "lora"
     Options = LoraOptions
     owns_parameters = True

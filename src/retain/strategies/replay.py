@@ -114,6 +114,7 @@ def rank(policy: Policy, ctx: Context, items: list[Item], limit: int, seed: str)
 class Replay(Strategy):
     name = "replay"
     summary = "reservoir-sampled memory of past examples; a fraction `ratio` of each batch is replayed"
+    task_free = True
     options_key = "replay"
     Options = ReplayOptions
     acts_on_earlier = True
@@ -122,6 +123,7 @@ class Replay(Strategy):
         super().__init__(options)
         self.memory: Reservoir | TaskMemory = self._memory(None, 0)
         self._current: list[Item] = []
+        self._pending: list[Item] | None = None  # online: the batch training now, added when the next comes
 
     def _memory(self, ctx: Context | None, seed: int) -> Reservoir | TaskMemory:
         o = self.options
@@ -153,11 +155,34 @@ class Replay(Strategy):
             return []
         return [self.memory.rng.choice(self.buffer) for _ in range(k)]
 
+    def check(self, config, stream) -> None:
+        if config.online is not None and (self.options.policy != "reservoir" or self.options.budget_tokens):
+            raise ValueError("online mode needs replay.policy reservoir with buffer_size: the other memories rank "
+                             "each task's examples at the task's end, which online mode hides")
+
     def batches(self, ctx: Context, tasks, batches: Iterator[list[Item]]) -> Iterator[list[Item]]:
         self._current = []
+        if ctx.config.online is not None:
+            return self._online(batches)
         return mix_batches(batches, self._draw, self.options.ratio, self._current)
 
+    def _online(self, batches: Iterator[list[Item]]) -> Iterator[list[Item]]:
+        """Online: every incoming example trains (memory draws are added, not swapped in), and
+        enters the reservoir once it has trained, so the memory is always a sample of the past."""
+        for batch in batches:
+            if self._pending is not None and batch is not self._pending:  # a new batch (passes repeat one)
+                for item in self._pending:
+                    self.add(item)
+            self._pending = batch
+            # ``ratio`` stays the replayed fraction of what trains: k of B + k items.
+            k = round(self.options.ratio * len(batch) / (1 - self.options.ratio))
+            yield batch + self._draw(k)
+
     def after_task(self, ctx: Context, tasks) -> None:
+        if self._pending is not None:  # online: the stream's last batch joins the memory too
+            for item in self._pending:
+                self.add(item)
+            self._pending = None
         if isinstance(self.memory, Reservoir):
             for item in self._current:
                 self.add(item)

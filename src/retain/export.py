@@ -69,6 +69,10 @@ def export(run_dir: str | Path, out: str | Path, *, merge: str | None = None, fu
     reason = refusal(handed)
     if reason:
         raise RetainError(f"{run_dir} cannot be exported: {reason}. `retain serve {run_dir}` serves it as it is")
+    if full_model and handed.ctx.config.model_quantization:
+        raise RetainError(f"{run_dir} trained on a {handed.ctx.config.model_quantization} base: merging the adapter "
+                          "into k-bit weights would quantize the merged model again; pass --no-model and load the "
+                          "exported adapters on the full-precision base")
     model = handed.ctx.accelerator.unwrap_model(handed.ctx.model)
     peft = peft_model(model)
     folders = adapter_folders(handed.run_dir) if peft is not None else {}

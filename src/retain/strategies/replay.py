@@ -162,7 +162,7 @@ class Replay(Strategy):
 
     def batches(self, ctx: Context, tasks, batches: Iterator[list[Item]]) -> Iterator[list[Item]]:
         self._current = []
-        if ctx.config.online is not None:
+        if ctx is not None and ctx.config.online is not None:
             return self._online(batches)
         return mix_batches(batches, self._draw, self.options.ratio, self._current)
 

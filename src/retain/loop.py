@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import math
+import os
 import random
 import resource
 import shutil
@@ -325,6 +326,13 @@ def check_run(config: RunConfig) -> tuple[Stream, StrategyStack]:
     quantization.check(config, stack)
     if config.online is not None:
         check_online(config, stack)
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if processes > 1:
+        # Until runs are data-parallel, N launched processes would each train the whole
+        # stream and write the same run directory at once.
+        raise RetainError(f"retain runs in one process; this one was launched as one of {processes} "
+                          "(WORLD_SIZE, from torchrun or accelerate launch), and each would train the whole "
+                          "stream and write the same run directory. Launch `retain run` directly")
     return stream, stack
 
 

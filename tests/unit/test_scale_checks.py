@@ -1,4 +1,4 @@
-"""QLoRA (`model_quantization`): what is refused before the model loads, and the recipe it loads with."""
+"""Scale-out refusals before the model loads: QLoRA (`model_quantization`) and multi-process launches."""
 
 from __future__ import annotations
 
@@ -52,3 +52,11 @@ def test_an_unknown_quantization_names_the_valid_ones(tiny_config):
 
     with pytest.raises((E, ValueError), match="nf4"):
         config(tiny_config, model_quantization="fp4")
+
+
+def test_a_multi_process_launch_is_refused_before_anything_runs(tiny_config, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RetainError, match="retain runs in one process; this one was launched as one of 2"):
+        check_run(config(tiny_config))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    check_run(config(tiny_config))

@@ -63,6 +63,7 @@ def tiny_config(tmp_path: Path):
 SMALL_OPTIONS = {
     "replay": {"buffer_size": 6, "ratio": 0.5},
     "mir": {"buffer_size": 6, "candidates": 4, "retrieve": 2},
+    "tf_ewc": {"window": 2, "plateau_cv": 0.5, "recent": 6, "fisher_samples": 2},
     "distill-replay": {"buffer_size": 5, "ratio": 0.5, "top_k": 3},
     "generative_replay": {"samples_per_task": 4, "max_new_tokens": 8},
     "ewc": {"fisher_samples": 3},

@@ -81,13 +81,40 @@ def save(run_dir: Path, state: RunState, model: torch.nn.Module,
     _write_state(run_dir, state)
 
 
+def split_tensors(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """``value`` with every tensor replaced by ``{"__tensor__": key}`` (the tensor goes to ``tensors``):
+    a strategy's phase state may hold tensors (a Fisher estimate), state.json holds JSON."""
+    if isinstance(value, torch.Tensor):
+        key = f"t{len(tensors)}"
+        tensors[key] = value.detach().cpu()
+        return {"__tensor__": key}
+    if isinstance(value, dict):
+        return {k: split_tensors(v, tensors) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [split_tensors(v, tensors) for v in value]
+    return value
+
+
+def join_tensors(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {"__tensor__"}:
+            return tensors[value["__tensor__"]]
+        return {k: join_tensors(v, tensors) for k, v in value.items()}
+    if isinstance(value, list):
+        return [join_tensors(v, tensors) for v in value]
+    return value
+
+
 def save_progress(run_dir: Path, state: RunState, progress: Progress, model: torch.nn.Module, keys: list[str],
                   optimizer: Any = None, scheduler: Any = None) -> None:
     """A checkpoint inside a phase; the phase-start files stay as they are."""
     state.serial += 1
     progress.tensors = f"progress-{state.serial}.safetensors"
     _save_tensors(folder(run_dir) / progress.tensors, _model_tensors(model, keys))
-    extra: dict[str, Any] = {"torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
+    strategy_tensors: dict[str, torch.Tensor] = {}
+    progress.strategy = split_tensors(progress.strategy, strategy_tensors)
+    extra: dict[str, Any] = {"torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+                             "strategy_tensors": strategy_tensors}
     if torch.cuda.is_available():
         extra["cuda_rng"] = torch.cuda.get_rng_state_all()
     if optimizer is not None:
@@ -103,8 +130,9 @@ def save_progress(run_dir: Path, state: RunState, progress: Progress, model: tor
 
 
 def restore_progress(run_dir: Path, progress: Progress, model: torch.nn.Module, optimizer: Any = None,
-                     scheduler: Any = None) -> None:
-    """Weights, optimizer, scheduler and RNG states as they were at ``progress``'s step."""
+                     scheduler: Any = None) -> dict[str, Any]:
+    """Weights, optimizer, scheduler and RNG states as they were at ``progress``'s step;
+    returns the strategies' phase state with its tensors put back."""
     path = folder(run_dir) / str(progress.tensors)
     tensors = _load_tensors(path)
     result = model.load_state_dict(tensors, strict=False)
@@ -125,6 +153,7 @@ def restore_progress(run_dir: Path, progress: Progress, model: torch.nn.Module, 
     random.setstate(extra["python_rng"])
     if "cuda_rng" in extra and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(extra["cuda_rng"])
+    return join_tensors(progress.strategy, extra.get("strategy_tensors") or {})
 
 
 def load_state(run_dir: Path) -> RunState | None:

@@ -168,9 +168,9 @@ class Run:
             # without running the model, then the step's weights, optimizer and RNGs load.
             for _ in islice(batches, progress.step):
                 pass
-            checkpoint.restore_progress(self.run_dir, progress, ctx.accelerator.unwrap_model(ctx.model),
-                                        optimizer, scheduler)
-            stack.load_phase_state(ctx, progress.strategy)
+            phase_state = checkpoint.restore_progress(self.run_dir, progress, ctx.accelerator.unwrap_model(ctx.model),
+                                                      optimizer, scheduler)
+            stack.load_phase_state(ctx, phase_state)
             self.ui.info(f"  resuming phase {phase + 1} at step {progress.step + 1} of {steps}")
         else:
             progress = Progress(phase=phase, losses=[], tokens=0, seconds=0.0)

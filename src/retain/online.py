@@ -101,6 +101,16 @@ class OnlineRun:
         return examples in self.probe_points
 
 
+def shifts(online: dict[str, Any], stats: list[dict[str, Any]], batch_size: int) -> list[int] | None:
+    """Where a strategy detected shifts (``shifts_at_step`` in its stats), in examples seen."""
+    found = [s for by_strategy in stats[-1:] for st in by_strategy.values() if isinstance(st, dict)
+             for s in st.get("shifts_at_step", [])]
+    if not any("shifts_at_step" in st for by_strategy in stats[-1:] for st in by_strategy.values()
+               if isinstance(st, dict)):
+        return None
+    return [min(-(-step // online["passes"]) * batch_size, online["examples"]) for step in found]
+
+
 def summary(online: dict[str, Any]) -> dict[str, Any]:
     """AAA (the mean over evaluations of the mean score over the tasks seen so far) and the
     online (prequential) accuracy over every incoming example, in all and per task."""

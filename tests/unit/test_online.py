@@ -176,3 +176,55 @@ def test_mir_retrieves_the_candidates_a_virtual_step_hurts_most(tiny_config):
     top = sorted(rise, key=rise.get, reverse=True)[:3]
     assert [(i.prompt, i.target) for i in picked] == top
     assert len({round(v, 5) for v in rise.values()}) == len(rise)  # a ranking with no ties: the test can fail
+
+
+def test_plateau_detector_finds_plateaus_and_the_shift_between_them():
+    from retain.strategies.tf_ewc import PlateauDetector
+
+    losses = [5.0, 4.0, 3.0, 2.0, 1.0, 1.0, 1.02, 0.98, 1.0, 4.0, 4.2, 4.1, 3.0, 2.0, 1.0, 0.5, 0.5, 0.52, 0.5, 0.5]
+    detector = PlateauDetector(window=4, plateau_cv=0.1, peak_ratio=1.5)
+    events = {i + 1: e for i, loss in enumerate(losses) if (e := detector.update(loss))}
+    # Settled after the 4 steps at ~1.0 (step 8); the jump to ~4 raises the window mean past
+    # 1.5x that plateau at step 10; settled again at ~0.5 by step 19.
+    assert events == {8: ["plateau"], 10: ["shift"], 19: ["plateau"]}
+    copy = PlateauDetector(4, 0.1, 1.5)
+    copy.load(json.loads(json.dumps(detector.state())))
+    assert copy.update(3.0) == detector.update(3.0)
+
+
+TF = dict(strategy="lora+tf-ewc", tf_ewc={"window": 2, "plateau_cv": 0.5, "peak_ratio": 1.01, "recent": 8,
+                                           "fisher_samples": 3, "lambda": 10}, train__lr=0.05)
+
+
+def test_tf_ewc_consolidates_at_plateaus_and_reports_shifts_in_examples(tiny_config):
+    results = execute(online_config(tiny_config, "tf", **TF), quiet=True)
+    stats = results["strategy_stats"][-1]["tf-ewc"]
+    assert stats["consolidations"] >= 1 and stats["plateaus_at_step"][0] >= 2
+    assert results["online"]["shifts"] == [min(s * 4, 26) for s in stats["shifts_at_step"]]
+
+
+def test_tf_ewc_killed_after_a_consolidation_resumes_exactly(tiny_config, tmp_path, monkeypatch):
+    import retain.loop as loop
+
+    over = dict(train__checkpoint_every=2, **TF)
+    full = execute(online_config(tiny_config, "full", **over), quiet=True)
+    assert full["strategy_stats"][-1]["tf-ewc"]["plateaus_at_step"][0] <= 4  # before the kill below
+    real, calls = loop.Run.gradient_step, []
+
+    def dying(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop.Run, "gradient_step", dying)
+    with pytest.raises(KeyboardInterrupt):
+        execute(online_config(tiny_config, "killed", **over), quiet=True)
+    monkeypatch.undo()
+    run_dir = tmp_path / "runs" / "killed"
+    state = json.loads((run_dir / "checkpoints" / "state.json").read_text())
+    assert state["progress"]["strategy"]["tf-ewc"]["fisher"]  # the Fisher went beside the JSON
+    resumed = execute(loop.load_run_config(run_dir), run_dir=run_dir, resume=True, quiet=True)
+    assert resumed["R"] == full["R"] and resumed["online"]["curve"] == full["online"]["curve"]
+    assert [t["loss_last"] for t in resumed["timings"]] == [t["loss_last"] for t in full["timings"]]
+    assert resumed["strategy_stats"] == full["strategy_stats"]

@@ -125,10 +125,12 @@ def build_results(config, stream, state: dict[str, Any]) -> dict[str, Any]:
         "final": state.get("final", {}),
     }
     if state.get("online"):
-        from retain.online import summary
+        from retain.online import shifts, summary
 
         # Online mode: the anytime curve, prequential scores, hidden boundaries, AAA.
-        results["online"] = {**state["online"], **summary(state["online"])}
+        results["online"] = {**state["online"], **summary(state["online"]),
+                             "shifts": shifts(state["online"], state.get("strategy_stats") or [],
+                                              config.train.batch_size)}
         results["metrics"]["AAA"] = results["online"]["AAA"]
         results["metrics"]["online_accuracy"] = results["online"]["online_accuracy"]
     results["intervals"] = intervals(results)

@@ -192,8 +192,9 @@ class Strategy:
         """Restore ``state_dict()``, re-creating any model structure it describes."""
 
     def phase_state(self) -> dict[str, Any]:
-        """JSON state that changes while a phase trains and that replaying the phase's batch
-        draws does not rebuild (ES's iterations); saved at in-phase checkpoints."""
+        """State that changes while a phase trains and that replaying the phase's batch draws
+        does not rebuild (ES's iterations, tf-ewc's detector and Fisher); saved at in-phase
+        checkpoints: JSON in state.json, any tensors in it beside, in the optimizer file."""
         return {}
 
     def load_phase_state(self, ctx: Context, state: dict[str, Any]) -> None:

@@ -152,7 +152,8 @@ class TaskFreeEWC(Strategy):
     def _load_json(self, state: dict) -> None:
         self.detector.load(state["detector"])
         self.recent = deque((Item(*r) for r in state["recent"]), maxlen=self.options.recent)
-        self.pending, self.plateaus, self.shifts = list(state["pending"]), list(state["plateaus"]), list(state["shifts"])
+        self.pending, self.plateaus = list(state["pending"]), list(state["plateaus"])
+        self.shifts = list(state["shifts"])
         self.steps = state["steps"]
 
     def state_dict(self) -> dict:

@@ -347,7 +347,9 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     node = data
     parts = dotted.split(".")
     for part in parts[:-1]:
-        if not isinstance(node.get(part), dict):
+        if part == "stream" and node is data and isinstance(node.get(part), str):
+            node[part] = {"name": node[part]}  # `stream: numbers` plus `stream.max_train=16`
+        elif not isinstance(node.get(part), dict):
             node[part] = {}
         node = node[part]
     node[parts[-1]] = value

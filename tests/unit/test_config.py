@@ -47,6 +47,12 @@ def test_overrides_parse_yaml_scalars():
         apply_overrides(BASE, ["train.max_steps"])
 
 
+
+def test_a_stream_given_by_name_takes_dotted_overrides():
+    data = apply_overrides({"name": "x", "stream": "standard-cl"}, ["stream.max_train=16", "stream.order=2"])
+    assert data["stream"] == {"name": "standard-cl", "max_train": 16, "order": 2}
+
+
 def test_task_paths_resolve_against_config_folder(tmp_path):
     (tmp_path / "d").mkdir()
     for f in ("tr.jsonl", "te.jsonl"):

@@ -108,11 +108,10 @@ def test_strategies_that_need_boundaries_are_refused(tiny_config, strategy, frag
         check_run(online_config(tiny_config, replay={"policy": "coreset", "buffer_size": 8}))
 
 
-def test_online_run_killed_inside_the_pass_resumes_exactly(tiny_config, tmp_path, monkeypatch):
+def killed_at_sixth_step(tiny_config, tmp_path, monkeypatch, over: dict):
+    """An online run killed at its sixth gradient step: its folder and the checkpoint it left."""
     import retain.loop as loop
 
-    over = dict(train__checkpoint_every=2)
-    full = execute(online_config(tiny_config, "full", **over), quiet=True)
     real, calls = loop.Run.gradient_step, []
 
     def dying(*args, **kwargs):
@@ -126,7 +125,15 @@ def test_online_run_killed_inside_the_pass_resumes_exactly(tiny_config, tmp_path
         execute(online_config(tiny_config, "killed", **over), quiet=True)
     monkeypatch.undo()
     run_dir = tmp_path / "runs" / "killed"
-    state = json.loads((run_dir / "checkpoints" / "state.json").read_text())
+    return run_dir, json.loads((run_dir / "checkpoints" / "state.json").read_text())
+
+
+def test_online_run_killed_inside_the_pass_resumes_exactly(tiny_config, tmp_path, monkeypatch):
+    import retain.loop as loop
+
+    over = dict(train__checkpoint_every=2)
+    full = execute(online_config(tiny_config, "full", **over), quiet=True)
+    run_dir, state = killed_at_sixth_step(tiny_config, tmp_path, monkeypatch, over)
     assert len(state["progress"]["losses"]) == 4 and len(state["online"]["curve"]) == 4
     resumed = execute(loop.load_run_config(run_dir), run_dir=run_dir, resume=True, quiet=True)
     assert resumed["R"] == full["R"] and resumed["online"]["curve"] == full["online"]["curve"]
@@ -209,20 +216,7 @@ def test_tf_ewc_killed_after_a_consolidation_resumes_exactly(tiny_config, tmp_pa
     over = dict(train__checkpoint_every=2, **TF)
     full = execute(online_config(tiny_config, "full", **over), quiet=True)
     assert full["strategy_stats"][-1]["tf-ewc"]["plateaus_at_step"][0] <= 4  # before the kill below
-    real, calls = loop.Run.gradient_step, []
-
-    def dying(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 6:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(loop.Run, "gradient_step", dying)
-    with pytest.raises(KeyboardInterrupt):
-        execute(online_config(tiny_config, "killed", **over), quiet=True)
-    monkeypatch.undo()
-    run_dir = tmp_path / "runs" / "killed"
-    state = json.loads((run_dir / "checkpoints" / "state.json").read_text())
+    run_dir, state = killed_at_sixth_step(tiny_config, tmp_path, monkeypatch, over)
     assert state["progress"]["strategy"]["tf-ewc"]["fisher"]  # the Fisher went beside the JSON
     resumed = execute(loop.load_run_config(run_dir), run_dir=run_dir, resume=True, quiet=True)
     assert resumed["R"] == full["R"] and resumed["online"]["curve"] == full["online"]["curve"]

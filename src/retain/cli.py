@@ -240,6 +240,9 @@ def _describe_strategy(name: str) -> None:
     cls = known[name]
     out.print(f"[bold]{name}[/bold]: {cls.summary}", highlight=False)
     out.print(f"hooks: {', '.join(sorted(cls.overridden()))}", highlight=False)
+    private = ("covered by DP-SGD" if cls.not_private == "" else
+               f"refused: {cls.not_private or 'not reviewed for DP-SGD'}")
+    out.print(f"task-free (online:): {'yes' if cls.task_free else 'no'}; privacy: {private}", highlight=False)
     if cls.Options is None:
         out.print("options: none")
     else:

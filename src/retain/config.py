@@ -149,6 +149,9 @@ class EvalConfig(_Strict):
     probe_max: int | None = Field(default=None, ge=1, description="cap on items per probe (a seeded sample)")
     probe_file: str | None = Field(default=None, description="your own probe (scored as 'custom'): JSONL/CSV of "
                                    "input, output, options")
+    membership: int = Field(default=0, ge=0, description="membership-inference check: this many training "
+                            "examples (members) and held-out test examples per task, loss-threshold AUC at the base "
+                            "model and after the last task (0.5: nothing leaks); 0: off")
     probe_template: str = Field(default="Question: {input}\nAnswer:", description="prompt of the facts and "
                                 "custom probes (the named suites have their benchmark's prompt)")
 
@@ -198,6 +201,28 @@ class OnlineConfig(_Strict):
                               "online learning); off: every item says task 'stream'")
 
 
+class PrivacyConfig(_Strict):
+    """DP-SGD through Opacus (``retain[privacy]``): per-example clipping, Gaussian noise, Poisson batches."""
+
+    epsilon: float | None = Field(default=None, gt=0, description="privacy budget each phase spends on its own "
+                                  "examples (the noise multiplier is derived from it); replayed examples spend more, "
+                                  "reported per task and in total")
+    noise_multiplier: float | None = Field(default=None, gt=0, description="fixed noise (std / max_grad_norm) "
+                                           "instead of a target epsilon")
+    delta: float = Field(default=1e-5, gt=0, lt=1, description="delta of (epsilon, delta)-DP; below 1/N of every "
+                         "task")
+    max_grad_norm: float = Field(default=1.0, gt=0, description="each example's gradient is clipped to this norm "
+                                 "(replaces train.max_grad_norm)")
+    accountant: Literal["prv", "rdp"] = Field(default="prv", description="Opacus's accountant: prv (tight, "
+                                              "Opacus's default) or rdp")
+
+    @model_validator(mode="after")
+    def _one(self) -> "PrivacyConfig":
+        if (self.epsilon is None) == (self.noise_multiplier is None):
+            raise ValueError("give exactly one of epsilon (a target budget) or noise_multiplier")
+        return self
+
+
 class AnalysisConfig(_Strict):
     """Update analysis (dW = W - W0): off unless enabled, since it keeps a copy of W0."""
 
@@ -234,6 +259,8 @@ class RunConfig(BaseModel):
     analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
     online: OnlineConfig | None = Field(default=None, description="task-free online learning: one pass over "
                                         "the stream with hidden boundaries and anytime evaluation")
+    privacy: PrivacyConfig | None = Field(default=None, description="differentially private training (DP-SGD, "
+                                          "Opacus): pip install 'retain[privacy]'")
     trackers: list[Literal["tensorboard", "mlflow", "wandb", "trackio"]] = Field(
         default_factory=list, description="experiment trackers fed through Accelerate (each an optional extra: "
         "pip install 'retain[trackers]'); files go to <run>/trackers/")

@@ -45,6 +45,7 @@ from retain.streams import Stream, Task, build_stream
 from retain.strategies import Context, StrategyStack, registry
 from retain.analysis.cost import matmul_parameters, phase_cost
 from retain.online import OnlineRun
+from retain.privacy import PrivateTraining, poisson_batches
 from retain.tracking import Tracking
 from retain.ui import UI
 
@@ -62,6 +63,7 @@ class Run:
         self.config, self.run_dir, self.ui, self.tracker = config, run_dir, ui, tracker
         self.tracking: Tracking | None = None  # experiment trackers (config.trackers), set by execute
         self.online: OnlineRun | None = None  # online mode (config.online), set by execute
+        self.privacy = PrivateTraining(config) if config.privacy is not None else None  # DP-SGD
         self.state = RunState()
         self._harness = None  # an lm-eval session, made at the first evaluation that needs it
         self.start_clock()
@@ -146,16 +148,22 @@ class Run:
         keys = [n for n, p in ctx.model.named_parameters() if id(p) in ids]
 
         steps = online.steps if online else cfg.max_steps * len(tasks)
+        items = [] if online else [item for task in tasks for item in task.items(ctx.tokenizer)]
+        # DP-SGD: this phase's noise and Poisson rates (the memory's as it stands before the phase).
+        plan = self.privacy.plan_phase(len(items), steps, stack.private_replay_rate(ctx)) if self.privacy else None
         optimizer = scheduler = None
         if not (stack.takes_over_phase or stack.takes_over_step):
             optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
             scheduler = stack.schedule(ctx, optimizer, steps) or get_scheduler(
                 "constant_with_warmup", optimizer, num_warmup_steps=cfg.warmup_steps)
+            if plan is not None:
+                optimizer = self.privacy.begin(ctx.model, optimizer, plan)
             optimizer, scheduler = ctx.accelerator.prepare(optimizer, scheduler)
         if online:
             source = online.batches(ctx.tokenizer)
+        elif plan is not None:
+            source = poisson_batches(items, plan.sample_rate, steps, seed)
         else:
-            items = [item for task in tasks for item in task.items(ctx.tokenizer)]
             source = batch_stream(items, cfg.batch_size, rng)
         batches = stack.batches(ctx, hook_tasks, source)
         ctx.model.train()
@@ -209,13 +217,21 @@ class Run:
 
             # A strategy may train the phase itself (TRL's GRPO trainer) or replace each
             # gradient step (evolution strategies); otherwise: loss, backward, clip, step.
-            if not stack.train_phase(ctx, tasks, steps, on_step):
-                for items_batch in islice(batches, steps - skip):
-                    if online:
-                        online.before_step(ctx, progress.step, lambda task, examples: self.item_scores(ctx, task,
-                                                                                                        examples))
-                    on_step(*(stack.step(ctx, items_batch)
-                              or self.gradient_step(ctx, stack, items_batch, params, optimizer, scheduler)))
+            try:
+                if not stack.train_phase(ctx, tasks, steps, on_step):
+                    for items_batch in islice(batches, steps - skip):
+                        if online:
+                            online.before_step(ctx, progress.step,
+                                               lambda task, examples: self.item_scores(ctx, task, examples))
+                        if plan is not None:
+                            on_step(*self.private_step(ctx, items_batch, optimizer, scheduler, params,
+                                                       progress.losses))
+                            continue
+                        on_step(*(stack.step(ctx, items_batch)
+                                  or self.gradient_step(ctx, stack, items_batch, params, optimizer, scheduler)))
+            finally:
+                if self.privacy is not None:
+                    self.privacy.end()
         seconds = time.perf_counter() - start
         # Only now: an in-phase checkpoint's state must name the tensors of the phase-start file.
         self.state.trained_keys = sorted(set(self.state.trained_keys) | set(keys))
@@ -229,12 +245,13 @@ class Run:
         device = torch.cuda.get_device_name(ctx.accelerator.device) if ctx.accelerator.device.type == "cuda" else None
         cost = phase_cost(matmul_parameters(ctx.accelerator.unwrap_model(ctx.model)), trainable, progress.tokens,
                           seconds, ctx.accelerator.num_processes, device, cfg.precision)
-        return {
+        timing = {
             "phase": phase, "tasks": [t.name for t in tasks], "steps": steps, "train_s": round(seconds, 3),
             "trainable_parameters": trainable,
             "tokens": progress.tokens, "tokens_per_s": round(progress.tokens / seconds, 1) if seconds else None,
             "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None, **cost,
         }
+        return {**timing, "privacy": plan.to_dict()} if plan is not None else timing
 
     def item_scores(self, ctx: Context, task: Task, examples: list) -> list[float]:
         """Each example's score under the model as it is (its task's own metric)."""
@@ -282,6 +299,32 @@ class Run:
         optimizer.zero_grad(set_to_none=True)
         return loss.item(), int(batch["attention_mask"].sum())
 
+    def private_step(self, ctx: Context, items: list, optimizer, scheduler, params: list,
+                     losses: list[float]) -> tuple[float, int]:
+        """DP-SGD's step on a Poisson batch (which may be empty: a step of noise alone). The
+        loss reported for an empty batch repeats the last one."""
+        batch = None
+        if items:
+            batch = collate(ctx.tokenizer, items, self.config.train.max_length)
+            batch = {k: v.to(ctx.accelerator.device) for k, v in batch.items()}
+        loss = self.privacy.step(batch, params, optimizer, ctx.accelerator.autocast)
+        scheduler.step()
+        tokens = int(batch["attention_mask"].sum()) if batch is not None else 0
+        return (loss.item() if loss is not None else (losses[-1] if losses else 0.0)), tokens
+
+    def membership(self, ctx: Context, stack: StrategyStack, when: str) -> None:
+        """The membership-inference check (``eval.membership``) on the model as it is now."""
+        from retain.evaluation.membership import membership_check
+
+        cfg = self.config.eval
+        record = self.state.membership or {}
+        if not cfg.membership or when in record:
+            return
+        self.ui.info(f"  membership inference ({when}): {cfg.membership} members and non-members per task")
+        record[when] = membership_check(ctx.model, ctx.tokenizer, ctx.stream.tasks, cfg.membership, cfg.sample_seed,
+                                        cfg.batch_size, lambda task: stack.route(ctx, task))
+        self.state.membership = record
+
     def finish(self, ctx: Context, stack: StrategyStack) -> None:
         """After the last phase: the task-agnostic evaluation of per-task methods, and any
         strategy's final evaluations (merged adapters)."""
@@ -326,6 +369,10 @@ def check_run(config: RunConfig) -> tuple[Stream, StrategyStack]:
     quantization.check(config, stack)
     if config.online is not None:
         check_online(config, stack)
+    if config.privacy is not None:
+        from retain import privacy
+
+        privacy.check(config, stream, stack)
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     if processes > 1:
         # Until runs are data-parallel, N launched processes would each train the whole
@@ -442,6 +489,7 @@ def execute(config: RunConfig, *, run_dir: Path | None = None, resume: bool = Fa
     if state.base is None:
         state.base, state.base_probe = run.evaluate(ctx, stack, "base model")
         state.evaluations = [run.evaluation_record("base")]
+        run.membership(ctx, stack, "base")
         track(state.base, state.base_probe)
         run.checkpoint(ctx, stack)
 
@@ -481,6 +529,7 @@ def execute(config: RunConfig, *, run_dir: Path | None = None, resume: bool = Fa
         ui.info("  " + "  ".join(f"{n}={v:.1f}" for n, v in zip(ctx.stream.task_names, row))
                 + (f"  probe={probe:.1f}" if probe is not None else ""))
     run.finish(ctx, stack)
+    run.membership(ctx, stack, "final")
     state.wall_s = run.wall_s()
     stack.export(ctx, run_dir)
     results = finalize(run_dir, config, ctx.stream, state.to_dict())

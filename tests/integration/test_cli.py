@@ -149,6 +149,8 @@ def test_list_strategy_prints_options_ranges_and_refusals():
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
     for fragment in ("lambda", "100.0", ">= 0", "fisher_samples", "penalty strength", "cannot be combined with",
-                     "es replaces the gradient step"):
+                     "es replaces the gradient step", "task-free (online:): no",
+                     "privacy: refused: its Fisher information is estimated from private examples"):
         assert fragment in text, fragment
+    assert "privacy: covered by DP-SGD" in " ".join(invoke("list", "lora").output.split())
     assert "exact | countdown" in " ".join(invoke("list", "es").output.split())

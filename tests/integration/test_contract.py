@@ -23,6 +23,8 @@ from tests.conftest import run_figures, small_options
 
 #: Called only by a resumed run.
 RESUME_HOOKS = {"load_state_dict", "load_state_tensors", "load_phase_state"}
+#: Called only under ``privacy:`` (tests/unit/test_privacy.py runs them).
+PRIVATE_HOOKS = {"private_replay_rate"}
 
 
 class Killed(Exception):
@@ -59,7 +61,7 @@ def test_strategy_contract(spec, tiny_config, tmp_path, monkeypatch):
     calls, states = _spy(monkeypatch, classes)
     full = execute(load_config(tiny_config("full", **over)), quiet=True)
     for cls in classes:
-        for hook in cls.overridden() - RESUME_HOOKS:
+        for hook in cls.overridden() - RESUME_HOOKS - PRIVATE_HOOKS:
             assert calls[(cls.name, hook)] > 0, f"{spec}: {cls.name}.{hook} was never called"
     for key, state in states:
         # A phase state's tensors are saved beside the JSON (checkpoint.split_tensors).

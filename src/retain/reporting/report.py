@@ -68,6 +68,7 @@ def markdown(results: dict[str, Any], images: dict[str, str]) -> str:
     if ci:
         lines += ["Cells: score [95% interval: Wilson for accuracies, else bootstrap over items].", ""]
     lines += online_section(results)
+    lines += privacy_section(results)
     lines += probe_section(results)
     lines += forgotten_section(results)
     lines += ["## Timing", ""]
@@ -106,6 +107,38 @@ def online_section(results: dict[str, Any]) -> list[str]:
     rows = [[str(c["examples"]), *[fmt(v) for v in c["scores"]], fmt(c["seen_mean"]), fmt(c.get("probe"))]
             for c in o["curve"]]
     return lines + [*markdown_table(["examples", *results["tasks"], "mean seen", "probe"], rows), ""]
+
+
+def privacy_section(results: dict[str, Any]) -> list[str]:
+    """DP-SGD's budget spent and the membership-inference check beside it."""
+    p, m = results.get("privacy"), results.get("membership")
+    lines: list[str] = []
+    if p:
+        target = (f"target epsilon {fmt(p['target_epsilon'], 2)} per phase" if p.get("target_epsilon") is not None
+                  else f"noise multiplier {fmt(p['noise_multiplier'], 3)}")
+        lines += ["## Privacy (DP-SGD)", "",
+                  f"({fmt(p['epsilon'], 2)}, {p['delta']:g})-DP over the stream ({p['accountant']} accountant; "
+                  f"{target}; each example's gradient clipped to {fmt(p['max_grad_norm'], 3)}).", "",
+                  *markdown_table(["phase", "examples", "sample rate", "steps", "noise multiplier", "memory rate",
+                                   "epsilon (own examples)"],
+                                  [["+".join(ph), str(pl["examples"]), fmt(pl["sample_rate"], 4), str(pl["steps"]),
+                                    fmt(pl["noise_multiplier"], 3), fmt(pl["memory_sample_rate"], 4),
+                                    fmt(pl["epsilon"], 2)] for ph, pl in zip(results["phases"], p["phases"])]), "",
+                  "Epsilon per task over the stream: " + ", ".join(f"{t} {fmt(e, 2)}" for t, e in
+                                                                  p["task_epsilon"].items()) + ".", ""]
+        if p.get("note"):
+            lines += [p["note"][0].upper() + p["note"][1:] + ".", ""]
+    if m:
+        when = [w for w in ("base", "final") if w in m]
+        names = sorted({t for w in when for t in m[w]["tasks"]})
+        rows = [[t, *[fmt(m[w]["tasks"].get(t, {}).get("auc"), 3) for w in when]] for t in names]
+        rows.append(["mean", *[fmt(m[w]["auc"], 3) for w in when]])
+        lines += ["## Membership inference", "",
+                  "Loss-threshold attack: the AUC of training examples' losses against held-out test examples' "
+                  "(0.5: the losses do not tell members apart; the base model's AUC is the floor the data's own "
+                  "train/test difference sets).", "",
+                  *markdown_table(["task", *[f"AUC {w}" for w in when]], rows), ""]
+    return lines
 
 
 def probe_section(results: dict[str, Any]) -> list[str]:

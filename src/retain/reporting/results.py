@@ -133,6 +133,17 @@ def build_results(config, stream, state: dict[str, Any]) -> dict[str, Any]:
                                               config.train.batch_size)}
         results["metrics"]["AAA"] = results["online"]["AAA"]
         results["metrics"]["online_accuracy"] = results["online"]["online_accuracy"]
+    if config.privacy is not None:
+        from retain.privacy import PrivateTraining
+
+        # DP-SGD: epsilon per phase, per task over the stream (replays included), in total.
+        results["privacy"] = PrivateTraining(config).summary(timings)
+        results["metrics"]["epsilon"] = results["privacy"]["epsilon"]
+    if state.get("membership"):
+        results["membership"] = state["membership"]
+        final = state["membership"].get("final") or {}
+        if final.get("auc") is not None:
+            results["metrics"]["membership_auc"] = final["auc"]
     results["intervals"] = intervals(results)
     return results
 

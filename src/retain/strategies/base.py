@@ -98,6 +98,11 @@ class Strategy:
     #: Works without task boundaries (``online:`` mode): it neither keys state by task nor acts
     #: at a task's start or end in a way the method needs.
     task_free: ClassVar[bool] = False
+    #: Under ``privacy:`` (DP-SGD): "" when DP-SGD covers all this method learns from private
+    #: examples, else why not (a statistic of private examples taken outside the noised step, a
+    #: loss term Opacus cannot split into per-example gradients, a step of its own). ``None``:
+    #: not reviewed for privacy, so refused.
+    not_private: ClassVar[str | None] = None
     #: Names of strategies this one cannot be combined with, with the reason.
     incompatible: ClassVar[dict[str, str]] = {}
     #: Names of strategies this one needs in the same stack (``merge`` needs ``lora-per-task``).
@@ -211,11 +216,17 @@ class Strategy:
         """Figures about the phase just trained, recorded in results.json (``strategy_stats``)."""
         return {}
 
+    def private_replay_rate(self, ctx: Context) -> float:
+        """Under ``privacy:``: the per-step Poisson rate at which this phase replays each stored
+        private example (0: it replays none); the accountant charges it to earlier tasks."""
+        return 0.0
+
 
 #: Every hook, in the order the loop meets them.
 HOOKS = ("check", "setup", "plan", "before_task", "trainable_parameters", "batches", "schedule", "train_phase",
          "step", "extra_loss", "after_task", "route", "task_router", "finish", "export", "state_dict",
-         "load_state_dict", "phase_state", "load_phase_state", "state_tensors", "load_state_tensors", "stats")
+         "load_state_dict", "phase_state", "load_phase_state", "state_tensors", "load_state_tensors", "stats",
+         "private_replay_rate")
 
 _REGISTRY: dict[str, type[Strategy]] = {}
 
@@ -459,3 +470,6 @@ class StrategyStack:
 
     def stats(self) -> dict[str, Any]:
         return {s.name: st for s in self.strategies if (st := s.stats())}
+
+    def private_replay_rate(self, ctx: Context) -> float:
+        return min(1.0, sum(s.private_replay_rate(ctx) for s in self.strategies))

@@ -60,6 +60,7 @@ def top_k_targets(model, tokenizer, items: list[Item], k: int, max_length: int, 
 @register
 class DistillReplay(Strategy):
     name = "distill-replay"
+    not_private = "its distillation term is added to the batch's loss outside retain's per-example loss"
     summary = "replay that trains memory examples to match the teacher's stored top-k log-probabilities"
     options_key = "distill-replay"
     Options = DistillReplayOptions

@@ -34,6 +34,8 @@ class EWCOptions(BaseModel):
 @register
 class EWC(Strategy):
     name = "ewc"
+    not_private = ("its Fisher information is estimated from private examples outside the noised step, and its penalty "
+                   "is not a per-example loss, so DP-SGD would drop its gradient")
     summary = "Elastic Weight Consolidation (diagonal Fisher; `online: true` keeps one decayed running Fisher)"
     options_key = "ewc"
     Options = EWCOptions

@@ -70,6 +70,7 @@ class PseudoFormat:
 @register
 class GenerativeReplay(Strategy):
     name = "generative-replay"
+    not_private = ""  # pseudo-examples come from the privately trained model: post-processing
     summary = "LAMOL-style: the model learns to generate each task's examples and replays its own pseudo-examples"
     options_key = "generative_replay"
     Options = GenerativeReplayOptions

@@ -36,6 +36,7 @@ class GRPOOptions(BaseModel):
 @register
 class GRPO(Strategy):
     name = "grpo"
+    not_private = "it trains each phase with TRL's trainer, which Opacus does not wrap"
     summary = "GRPO with TRL's GRPOTrainer on the task's verifiable reward (the RL baseline for es)"
     options_key = "grpo"
     Options = GRPOOptions

@@ -8,6 +8,7 @@ from retain.strategies.base import Strategy, register
 @register
 class Joint(Strategy):
     name = "joint"
+    not_private = ""
     summary = "all tasks trained together in one phase (the multitask reference); combine with lora for joint LoRA"
 
     def plan(self, tasks):

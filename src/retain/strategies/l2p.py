@@ -144,6 +144,7 @@ class PromptPool(ModelWrapper):
 @register
 class L2P(Strategy):
     name = "l2p"
+    not_private = "its prompt keys are pulled toward private queries by a loss outside retain's per-example loss"
     summary = "Learning to Prompt: a pool of keyed soft prompts chosen per input by the frozen model's query; base frozen"
     not_exportable = ("its soft prompts are chosen per input by key-query matching in a wrapper around the model, "
                       "which neither PEFT nor transformers can load")

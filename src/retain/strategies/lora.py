@@ -13,6 +13,7 @@ __all__ = ["Lora", "LoraOptions"]
 @register
 class Lora(Strategy):
     name = "lora"
+    not_private = ""
     summary = "one shared LoRA adapter trained through the stream, base weights frozen"
     task_free = True
     options_key = "lora"

@@ -18,6 +18,7 @@ from retain.strategies._lora import LoraOptions, save_adapter, use_adapter, wrap
 @register
 class LoraPerTask(Strategy):
     name = "lora-per-task"
+    not_private = "its task router keeps the mean embedding of each task's private inputs, without noise"
     summary = "a fresh LoRA adapter for each task, saved under adapters/<task>/; earlier adapters stay bit-identical"
     options_key = "lora"
     Options = LoraOptions

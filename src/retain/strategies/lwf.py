@@ -34,6 +34,7 @@ def distillation_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, 
 @register
 class LwF(Strategy):
     name = "lwf"
+    not_private = "its distillation term is added to the batch's loss outside retain's per-example loss"
     summary = "Learning without Forgetting: KL to the pre-task model on the new task's inputs (no second model copy)"
     options_key = "lwf"
     Options = LwFOptions

@@ -30,6 +30,7 @@ class MergeOptions(BaseModel):
 @register
 class Merge(Strategy):
     name = "merge"
+    not_private = "it merges lora-per-task's adapters, whose task router keeps un-noised statistics of private inputs"
     summary = "after the stream, merge the per-task LoRA adapters into one (linear, TIES, ...) and score it"
     options_key = "merge"
     Options = MergeOptions

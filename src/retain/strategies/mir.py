@@ -69,6 +69,7 @@ def interference(ctx: Context, batch: list[Item], candidates: list[Item], lr: fl
 @register
 class MIR(Strategy):
     name = "mir"
+    not_private = "it picks which memories to replay by their loss on private examples outside the noised step"
     summary = "maximally interfered retrieval: replay the memory examples a virtual step on the batch hurts most"
     task_free = True
     options_key = "mir"

@@ -20,6 +20,7 @@ class MixOptions(BaseModel):
 @register
 class Mix(Strategy):
     name = "mix"
+    not_private = ""  # its general data is public: only the stream's examples are private
     summary = "each batch mixes a fraction `ratio` (default 0.5) of all earlier stages' data"
     options_key = "mix"
     Options = MixOptions

@@ -38,6 +38,7 @@ def orthogonality_penalty(previous: list[torch.Tensor], current: torch.Tensor) -
 @register
 class OLora(Strategy):
     name = "olora"
+    not_private = "its orthogonality penalty acts on the weights, not per example, so DP-SGD would drop its gradient"
     summary = "a LoRA per task kept orthogonal to earlier tasks' LoRAs; all adapters stay active (no routing)"
     options_key = "olora"
     Options = OLoraOptions

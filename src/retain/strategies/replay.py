@@ -113,6 +113,7 @@ def rank(policy: Policy, ctx: Context, items: list[Item], limit: int, seed: str)
 @register
 class Replay(Strategy):
     name = "replay"
+    not_private = ""
     summary = "reservoir-sampled memory of past examples; a fraction `ratio` of each batch is replayed"
     task_free = True
     options_key = "replay"
@@ -156,6 +157,10 @@ class Replay(Strategy):
         return [self.memory.rng.choice(self.buffer) for _ in range(k)]
 
     def check(self, config, stream) -> None:
+        if config.privacy is not None and (self.options.policy != "reservoir" or self.options.budget_tokens):
+            raise ValueError("privacy: replay.policy coreset and surprise rank private examples by their embeddings "
+                             "or losses, and a token budget by their length, outside the noised step; use "
+                             "policy reservoir with buffer_size")
         if config.online is not None and (self.options.policy != "reservoir" or self.options.budget_tokens):
             raise ValueError("online mode needs replay.policy reservoir with buffer_size: the other memories rank "
                              "each task's examples at the task's end, which online mode hides")
@@ -164,6 +169,8 @@ class Replay(Strategy):
         self._current = []
         if ctx is not None and ctx.config.online is not None:
             return self._online(batches)
+        if ctx is not None and ctx.config.privacy is not None:
+            return self._private(ctx, batches)
         return mix_batches(batches, self._draw, self.options.ratio, self._current)
 
     def _online(self, batches: Iterator[list[Item]]) -> Iterator[list[Item]]:
@@ -178,7 +185,27 @@ class Replay(Strategy):
             k = round(self.options.ratio * len(batch) / (1 - self.options.ratio))
             yield batch + self._draw(k)
 
+    def _expected_draws(self, ctx: Context) -> float:
+        # ``ratio`` stays the replayed fraction of what trains, as in online mode.
+        return self.options.ratio * ctx.config.train.batch_size / (1 - self.options.ratio)
+
+    def private_replay_rate(self, ctx: Context) -> float:
+        return min(1.0, self._expected_draws(ctx) / len(self.buffer)) if self.buffer else 0.0
+
+    def _private(self, ctx: Context, batches: Iterator[list[Item]]) -> Iterator[list[Item]]:
+        """Under DP-SGD: the memory is Poisson-sampled like the new examples (each record with
+        the same rate every step), which the accountant composes into earlier tasks' budgets."""
+        from retain.privacy import poisson_draw
+
+        rate = self.private_replay_rate(ctx)
+        for batch in batches:
+            self._current.extend(batch)
+            yield batch + poisson_draw(self.buffer, rate, self.memory.rng)
+
     def after_task(self, ctx: Context, tasks) -> None:
+        if ctx is not None and ctx.config.privacy is not None:
+            # Each private example enters memory once: a copy would double its replay rate.
+            self._current = list({(i.prompt, i.target): i for i in self._current}.values())
         if self._pending is not None:  # online: the stream's last batch joins the memory too
             for item in self._pending:
                 self.add(item)

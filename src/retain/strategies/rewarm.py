@@ -31,6 +31,7 @@ def rewarm_factor(step: int, steps: int, warmup_fraction: float, min_ratio: floa
 @register
 class Rewarm(Strategy):
     name = "rewarm"
+    not_private = ""
     summary = "re-warmed learning rate at each stage: linear warm-up to a peak, cosine decay (continual pre-training)"
     options_key = "rewarm"
     Options = RewarmOptions

@@ -45,6 +45,7 @@ def top_percent_masks(scores: dict[str, torch.Tensor], percent: float) -> dict[s
 @register
 class Sparse(Strategy):
     name = "sparse"
+    not_private = "its gradient masks rank weights by importance measured on private examples outside the noised step"
     summary = "only the top-k% most important weights (gradient magnitude or Fisher) update on each task"
     options_key = "sparse"
     Options = SparseOptions

@@ -59,6 +59,7 @@ class ESOptions(BaseModel):
 @register
 class ES(Strategy):
     name = "es"
+    not_private = "it replaces the gradient step with evolution strategies, which DP-SGD does not noise"
     summary = "evolution strategies: seeded in-place perturbations, z-scored rewards, no gradients"
     options_key = "es"
     Options = ESOptions

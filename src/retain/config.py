@@ -223,6 +223,18 @@ class PrivacyConfig(_Strict):
         return self
 
 
+class FederatedConfig(_Strict):
+    """Federated continual learning on Flower (``retain[federated]``): clients average LoRA adapters."""
+
+    clients: int = Field(default=2, ge=2, le=64, description="simulated clients, each with a disjoint shard of "
+                         "every task's training examples")
+    rounds: int = Field(default=2, ge=1, description="federated rounds per task")
+    local_steps: int = Field(default=10, ge=1, description="optimizer steps each client takes per round")
+    aggregation: Literal["fedavg", "fedprox"] = Field(default="fedavg", description="FedAvg (weighted by the "
+                                                      "clients' examples) or FedProx (clients add a proximal term)")
+    proximal_mu: float = Field(default=0.01, ge=0, description="FedProx's mu: (mu/2)||w - w_global||^2")
+
+
 class AnalysisConfig(_Strict):
     """Update analysis (dW = W - W0): off unless enabled, since it keeps a copy of W0."""
 
@@ -261,6 +273,8 @@ class RunConfig(BaseModel):
                                         "the stream with hidden boundaries and anytime evaluation")
     privacy: PrivacyConfig | None = Field(default=None, description="differentially private training (DP-SGD, "
                                           "Opacus): pip install 'retain[privacy]'")
+    federated: FederatedConfig | None = Field(default=None, description="federated continual learning on "
+                                              "Flower's simulation engine: pip install 'retain[federated]'")
     trackers: list[Literal["tensorboard", "mlflow", "wandb", "trackio"]] = Field(
         default_factory=list, description="experiment trackers fed through Accelerate (each an optional extra: "
         "pip install 'retain[trackers]'); files go to <run>/trackers/")

@@ -64,6 +64,7 @@ class Run:
         self.tracking: Tracking | None = None  # experiment trackers (config.trackers), set by execute
         self.online: OnlineRun | None = None  # online mode (config.online), set by execute
         self.privacy = PrivateTraining(config) if config.privacy is not None else None  # DP-SGD
+        self.federated = None  # federated rounds (config.federated), set by execute
         self.state = RunState()
         self._harness = None  # an lm-eval session, made at the first evaluation that needs it
         self.start_clock()
@@ -126,6 +127,13 @@ class Run:
 
     # -- training -------------------------------------------------------------------
     def train_phase(self, ctx: Context, stack: StrategyStack, tasks: list[Task], phase: int) -> dict[str, Any]:
+        if self.federated is not None:
+            # Federated: the clients train (each through this method on its shard), the server averages.
+            timing = self.federated.train_phase(ctx, stack, tasks, phase)
+            self.state.federated = self.federated.state
+            keys = [n for n, p in ctx.model.named_parameters() if p.requires_grad]
+            self.state.trained_keys = sorted(set(self.state.trained_keys) | set(keys))
+            return timing
         cfg = self.config.train
         seed = phase_seed(self.config.seed, phase)
         torch.manual_seed(seed)
@@ -373,6 +381,10 @@ def check_run(config: RunConfig) -> tuple[Stream, StrategyStack]:
         from retain import privacy
 
         privacy.check(config, stream, stack)
+    if config.federated is not None:
+        from retain import federated
+
+        federated.check(config, stream, stack)
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     if processes > 1:
         # Until runs are data-parallel, N launched processes would each train the whole
@@ -497,6 +509,10 @@ def execute(config: RunConfig, *, run_dir: Path | None = None, resume: bool = Fa
     phases = [list(ctx.stream.tasks)] if config.online else stack.plan(ctx.stream.tasks)
     if config.online:
         run.online = OnlineRun(config, ctx.stream, state)
+    if config.federated:
+        from retain.federated import FederatedRun
+
+        run.federated = FederatedRun(config, state.federated)
     for phase, tasks in enumerate(phases):
         if phase < state.completed_phases:
             continue

@@ -63,6 +63,8 @@ class RunState:
     final: dict[str, Any] | None = None
     #: Online mode: the anytime-evaluation curve, prequential scores, hidden boundaries.
     online: dict[str, Any] | None = None
+    #: Federated runs: the clients' strategy state, their own scores, each phase's rounds.
+    federated: dict[str, Any] | None = None
     #: The membership-inference check (``eval.membership``): "base" and "final" AUCs.
     membership: dict[str, Any] | None = None
     progress: Progress | None = None

@@ -69,6 +69,7 @@ def markdown(results: dict[str, Any], images: dict[str, str]) -> str:
         lines += ["Cells: score [95% interval: Wilson for accuracies, else bootstrap over items].", ""]
     lines += online_section(results)
     lines += privacy_section(results)
+    lines += federated_section(results)
     lines += probe_section(results)
     lines += forgotten_section(results)
     lines += ["## Timing", ""]
@@ -107,6 +108,29 @@ def online_section(results: dict[str, Any]) -> list[str]:
     rows = [[str(c["examples"]), *[fmt(v) for v in c["scores"]], fmt(c["seen_mean"]), fmt(c.get("probe"))]
             for c in o["curve"]]
     return lines + [*markdown_table(["examples", *results["tasks"], "mean seen", "probe"], rows), ""]
+
+
+def federated_section(results: dict[str, Any]) -> list[str]:
+    """Federated runs: rounds, clients that answered, bytes sent, each client's own last model."""
+    f = results.get("federated")
+    if not f:
+        return []
+    rows = []
+    for names, ph in zip(results["phases"], f["phases"]):
+        answered = [len(r["clients"]) for r in ph["rounds"]]
+        rows.append(["+".join(names), str(len(ph["rounds"])), " / ".join(map(str, answered)),
+                     f"{sum(ph['bytes_per_round']) / 2**20:.2f}"])
+    lines = ["## Federated", "",
+             f"{f['clients']} clients, each with a disjoint shard of every task; {f['rounds']} round(s) of "
+             f"{f['local_steps']} local steps per task; {f['aggregation']}"
+             + (f" (mu {f['proximal_mu']:g})" if f["aggregation"] == "fedprox" else "")
+             + " over the LoRA adapter, weighted by the clients' examples. R above scores the global model.", "",
+             *markdown_table(["phase", "rounds", "clients answering (per round)", "MiB sent (both ways)"], rows), ""]
+    client_rows = [[f"client {c}", *[fmt(v) for v in rows_[-1]]] for c, rows_ in sorted(f["client_R"].items()) if rows_]
+    if client_rows:
+        lines += ["Each client's own local model after its last round (its last row of `federated.client_R`):", "",
+                  *markdown_table(["", *results["tasks"]], client_rows), ""]
+    return lines
 
 
 def privacy_section(results: dict[str, Any]) -> list[str]:

@@ -139,6 +139,11 @@ def build_results(config, stream, state: dict[str, Any]) -> dict[str, Any]:
         # DP-SGD: epsilon per phase, per task over the stream (replays included), in total.
         results["privacy"] = PrivateTraining(config).summary(timings)
         results["metrics"]["epsilon"] = results["privacy"]["epsilon"]
+    if state.get("federated"):
+        fed = state["federated"]
+        # The clients' scores of their own last local model (rows: phases), and each round's clients.
+        results["federated"] = {**config.federated.model_dump(), "client_R": fed["client_R"],
+                                "phases": fed["phases"]}
     if state.get("membership"):
         results["membership"] = state["membership"]
         final = state["membership"].get("final") or {}

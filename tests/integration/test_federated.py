@@ -21,28 +21,30 @@ def federated_config(tiny_config, name="fl", **over):
 
 def test_federated_run_averages_the_clients_adapters_and_survives_a_lost_client(tiny_config, tmp_path,
                                                                                  monkeypatch):
-    """Two clients, two tasks, one round each; client 1 fails in phase 2. Phase 1's global adapter
+    """Two clients, two rounds of one task; client 1 fails in round 2. Round 1's global adapter
     must be the example-weighted mean of the clients' adapters (recomputed here, in-process, by
-    the same client code), and phase 2's global adapter exactly client 0's."""
+    the same client code), and round 2's exactly what client 0 sent. (One task keeps this to one
+    Flower run: each starts Ray; phases are separate runs of the same code.)"""
     from retain.federated import DROP_ENV, _client, adapter, train_client
     from retain.loop import execute, restore
 
-    monkeypatch.setenv(DROP_ENV, "1:2:1")
-    path = federated_config(tiny_config)
+    monkeypatch.setenv(DROP_ENV, "1:1:2")
+    task = yaml.safe_load(tiny_config("probe-tasks").read_text())["tasks"][0]
+    path = federated_config(tiny_config, tasks=[task], federated={"clients": 2, "rounds": 2, "local_steps": 2})
     results = execute(load_config(path), quiet=True)
     fed = results["federated"]
-    assert len(results["R"]) == 2 and results["phases"] == [["upper"], ["small"]]
-    first, second = fed["phases"]
-    assert [c["client"] for c in first["rounds"][0]["clients"]] == [0, 1]
-    assert [c["client"] for c in second["rounds"][0]["clients"]] == [0]  # client 1 was lost
-    # Disjoint shards: 16 and 10 training examples split between two clients.
-    assert [c["examples"] for c in first["rounds"][0]["clients"]] == [8, 8]
-    assert first["bytes_per_round"] == [2 * first["adapter_bytes"] * 2]
-    assert second["bytes_per_round"] == [2 * second["adapter_bytes"] * 1]
-    # Client 0 scored its own model after both phases; client 1 only after phase 1.
-    assert len(fed["client_R"]["0"]) == 2 and len(fed["client_R"]["1"]) == 1
+    assert len(results["R"]) == 1 and results["phases"] == [["upper"]]
+    (phase,) = fed["phases"]
+    first, second = phase["rounds"]
+    assert [c["client"] for c in first["clients"]] == [0, 1]
+    assert [c["client"] for c in second["clients"]] == [0]  # client 1 was lost
+    # Disjoint shards: 16 training examples split between two clients.
+    assert [c["examples"] for c in first["clients"]] == [8, 8]
+    assert phase["bytes_per_round"] == [2 * phase["adapter_bytes"] * 2, 2 * phase["adapter_bytes"] * 1]
+    # Only client 0 answered the last round, which asks each client to score its own model.
+    assert list(fed["client_R"]) == ["0"] and len(fed["client_R"]["0"]) == 1
     report = (tmp_path / "runs" / "fl" / "report.md").read_text()
-    assert "## Federated" in report and "| upper | 1 | 2 |" in report and "| small | 1 | 1 |" in report
+    assert "## Federated" in report and "| upper | 2 | 2 / 1 |" in report
 
     # The same rounds in this process.
     config = load_config(path)
@@ -50,9 +52,12 @@ def test_federated_run_averages_the_clients_adapters_and_survives_a_lost_client(
     initial = adapter(_client(text, 0)[0].model)
     a0, r0 = train_client(text, 0, 0, 1, initial, {}, 0.0, False)
     a1, _ = train_client(text, 1, 0, 1, initial, {}, 0.0, False)
-    mean = {k: (8 * a0[k] + 8 * a1[k]) / 16 for k in a0}
     assert any(not torch.equal(a0[k], a1[k]) for k in a0)  # the clients did train apart
-    last, _ = train_client(text, 0, 1, 1, mean, yaml.safe_load(r0["state"]), 0.0, False)
+    mean = {k: (8 * a0[k] + 8 * a1[k]) / 16 for k in a0}
+    # Client 0's replay memory from round 1 travelled back to it in round 2.
+    state = yaml.safe_load(r0["state"])
+    assert state["replay"]["records"]
+    last, _ = train_client(text, 0, 0, 2, mean, state, 0.0, False)
     ctx, _ = restore(tmp_path / "runs" / "fl")
     final = {n: p.detach() for n, p in ctx.model.named_parameters() if "lora_" in n}
     assert final.keys() == last.keys()
@@ -71,3 +76,22 @@ def test_what_a_federated_run_would_not_do_is_refused(tiny_config, over, fragmen
 
     with pytest.raises(RetainError, match=fragment):
         check_run(load_config(federated_config(tiny_config, **over)))
+
+
+def test_fedprox_term_is_half_mu_times_the_squared_distance_to_the_global_adapter():
+    from peft import LoraConfig, get_peft_model
+
+    from retain.federated import Proximal, adapter
+    from retain.models import load_model
+    from retain.strategies.base import Context
+
+    model, tok = load_model("tiny-random", seed=0)
+    model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    anchor = {k: v + 0.1 for k, v in adapter(model).items()}
+    numel = sum(v.numel() for v in anchor.values())
+    ctx = Context(config=None, model=model, tokenizer=tok, accelerator=None, stream=None)
+    term = Proximal(0.5, anchor).extra_loss(ctx, None, None, [])
+    assert term.item() == pytest.approx(0.5 * 0.5 * 0.01 * numel, rel=1e-4)
+    term.backward()  # it pulls the adapter toward the global one
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
+    assert Proximal(0.0, anchor).extra_loss(ctx, None, None, []) is None

@@ -233,6 +233,20 @@ class FederatedConfig(_Strict):
     aggregation: Literal["fedavg", "fedprox"] = Field(default="fedavg", description="FedAvg (weighted by the "
                                                       "clients' examples) or FedProx (clients add a proximal term)")
     proximal_mu: float = Field(default=0.01, ge=0, description="FedProx's mu: (mu/2)||w - w_global||^2")
+    engine: Literal["simulation", "deployment"] = Field(default="simulation", description="simulation: virtual "
+                                                         "clients on Ray in this process; deployment: a running "
+                                                         "SuperLink and its SuperNodes")
+    superlink: str = Field(default="127.0.0.1:8000", description="deployment: the SuperLink's address (host:port)")
+    insecure: bool = Field(default=False, description="deployment: talk to the SuperLink without TLS (local tests "
+                           "only)")
+    root_certificates: str | None = Field(default=None, description="deployment: CA certificate of the SuperLink's "
+                                          "TLS")
+
+    @model_validator(mode="after")
+    def _tls(self) -> "FederatedConfig":
+        if self.engine == "deployment" and not self.insecure and not self.root_certificates:
+            raise ValueError("engine deployment: give root_certificates (the SuperLink's CA) or insecure: true")
+        return self
 
 
 class AnalysisConfig(_Strict):

@@ -1,6 +1,7 @@
 """Federated continual learning on Flower: K clients, each with its own shard of every task.
 
-Each phase of the stream is a Flower run (its simulation engine, one SuperNode per client):
+Each phase of the stream is a Flower run (its simulation engine, one virtual SuperNode per
+client; or its deployment engine, see ``federated_deploy``):
 ``federated.rounds`` rounds in which every client loads the global LoRA adapter, trains
 ``federated.local_steps`` steps on its shard through retain's own loop (its strategy stack,
 e.g. a replay memory of its own), and sends its adapter back; the server averages them
@@ -42,14 +43,17 @@ CLIENT_STRATEGIES = {"lora": "owner", "replay": "companion"}
 DROP_ENV = "RETAIN_FEDERATED_DROP"
 
 
-def require_flower() -> None:
-    if importlib.util.find_spec("flwr") is None or importlib.util.find_spec("ray") is None:
-        raise RetainError(f"federated: runs on Flower's simulation engine (flwr with Ray), not installed ({EXTRA})")
+def require_flower(engine: str = "simulation") -> None:
+    needs = ["flwr"] + (["ray"] if engine == "simulation" else [])
+    missing = [m for m in needs if importlib.util.find_spec(m) is None]
+    if missing:
+        raise RetainError(f"federated: runs on Flower ({', '.join(needs)} for its {engine} engine); "
+                          f"{missing[0]} is not installed ({EXTRA})")
 
 
 def check(config: "RunConfig", stream: "Stream", stack: "StrategyStack") -> None:
     """Refuse, before the model loads, what a federated run would not do as named."""
-    require_flower()
+    require_flower(config.federated.engine)
     names = [s.name for s in stack.strategies]
     if names[0] != "lora":
         raise RetainError(f"federated: the clients average LoRA adapters, so the strategy must own LoRA weights "
@@ -163,6 +167,10 @@ def client_app():
     def train(msg: Message, context: FlowerContext) -> Message:
         cfg = msg.content["config"]
         client = int(context.node_config["partition-id"])
+        expected = yaml.safe_load(cfg["run-config"])["federated"]["clients"]
+        if int(context.node_config.get("num-partitions", expected)) != expected:
+            raise RetainError(f"this SuperNode says num-partitions={context.node_config['num-partitions']}, the run "
+                              f"has federated.clients={expected}")
         weights = msg.content["arrays"].to_torch_state_dict()
         states = json.loads(cfg["states"])
         new, report = train_client(cfg["run-config"], client, int(cfg["phase"]), int(cfg["server-round"]), weights,
@@ -176,20 +184,84 @@ def client_app():
 
 
 # -- the server ------------------------------------------------------------------------
+def serve_rounds(grid, config_text: str, phase: int, initial: dict[str, torch.Tensor],
+                 states: dict[str, Any]) -> dict[str, Any]:
+    """The server's part of one phase, wherever the ServerApp runs (this process for the
+    simulation engine, the SuperLink's ServerApp process for the deployment engine): the
+    rounds, through Flower's FedAvg or FedProx. Returns the global adapter, each round's
+    clients, the clients' new strategy state and their scores of their own model."""
+    from flwr.app import ArrayRecord, ConfigRecord
+    from flwr.serverapp.strategy import FedAvg, FedProx
+    from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+
+    from retain.config import validate_config
+
+    f = validate_config(yaml.safe_load(config_text), source="federated run config").federated
+    states = dict(states)
+    rounds: list[dict[str, Any]] = []
+    scores: dict[str, list[float]] = {}
+
+    def collect(replies, weight_key: str):
+        """Each round's replies: the clients' figures and state (Flower averages the metrics)."""
+        seen = []
+        for reply in replies:
+            m, extra = reply["metrics"], reply["client"]
+            client = int(m["client"])
+            states[str(client)] = json.loads(extra["state"])
+            row = json.loads(extra["scores"])
+            if row is not None:
+                scores[str(client)] = row
+            seen.append({"client": client, "examples": int(m["num-examples"]), "loss": float(m["loss"]),
+                         "tokens": int(m["tokens"])})
+        rounds.append({"clients": sorted(seen, key=lambda r: r["client"])})
+        return aggregate_metricrecords(replies, weight_key)
+
+    base = FedProx if f.aggregation == "fedprox" else FedAvg
+    extra = {"proximal_mu": f.proximal_mu} if f.aggregation == "fedprox" else {}
+
+    class Rounds(base):  # type: ignore[misc, valid-type]
+        """Each round's message carries the clients' latest strategy state, and the last
+        round's asks every client to score its local model."""
+
+        def configure_train(self, server_round, arrays, config, grid):
+            config["states"] = json.dumps(states)
+            config["score"] = server_round == f.rounds
+            return super().configure_train(server_round, arrays, config, grid)
+
+    strategy = Rounds(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=f.clients,
+                      min_available_nodes=f.clients, train_metrics_aggr_fn=collect, **extra)
+    out = strategy.start(grid=grid, initial_arrays=ArrayRecord(initial), num_rounds=f.rounds,
+                         train_config=ConfigRecord({"run-config": config_text, "phase": phase}))
+    arrays = out.arrays.to_torch_state_dict() if out.arrays is not None else None
+    return {"arrays": arrays, "rounds": rounds, "states": states, "scores": scores}
+
+
+def simulate(config_text: str, phase: int, initial: dict[str, torch.Tensor], states: dict[str, Any],
+             clients: int) -> dict[str, Any]:
+    """One phase on Flower's simulation engine (one virtual SuperNode per client, on Ray)."""
+    from flwr.serverapp import ServerApp
+    from flwr.simulation import run_simulation
+
+    result: dict[str, Any] = {}
+    server = ServerApp()
+
+    @server.main()
+    def main(grid, context) -> None:
+        result.update(serve_rounds(grid, config_text, phase, initial, states))
+
+    run_simulation(server_app=server, client_app=client_app(), num_supernodes=clients,
+                   backend_config={"client_resources": {"num_cpus": 1}})
+    return result
+
+
 class FederatedRun:
     """The server side of a run: one Flower run per phase, the clients' state between them."""
 
-    def __init__(self, config: "RunConfig", state: dict[str, Any] | None) -> None:
-        self.config = config
+    def __init__(self, config: "RunConfig", state: dict[str, Any] | None, run_dir=None) -> None:
+        self.config, self.run_dir = config, run_dir
         self.state = state or {"client_states": {}, "client_R": {}, "phases": []}
 
     def train_phase(self, ctx: Context, stack: "StrategyStack", tasks: list["Task"], phase: int) -> dict[str, Any]:
-        from flwr.app import ArrayRecord, ConfigRecord
-        from flwr.serverapp import ServerApp
-        from flwr.serverapp.strategy import FedAvg, FedProx
-        from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
-        from flwr.simulation import run_simulation
-
         f = self.config.federated
         stack.before_task(ctx, tasks)
         params = stack.trainable_parameters(ctx)
@@ -198,56 +270,24 @@ class FederatedRun:
             p.requires_grad_(id(p) in ids)
         initial = adapter(ctx.model)
         config_text = yaml.safe_dump(self.config.resolved(), sort_keys=False)
-        rounds: list[dict[str, Any]] = []
-        result: dict[str, Any] = {}
-
-        def collect(replies, weight_key: str):
-            """Each round's replies: the clients' figures and state (Flower averages the metrics)."""
-            seen = []
-            for reply in replies:
-                m, extra = reply["metrics"], reply["client"]
-                client = int(m["client"])
-                self.state["client_states"][str(client)] = json.loads(extra["state"])
-                scores = json.loads(extra["scores"])
-                if scores is not None:
-                    self.state["client_R"].setdefault(str(client), []).append(scores)
-                seen.append({"client": client, "examples": int(m["num-examples"]), "loss": float(m["loss"]),
-                             "tokens": int(m["tokens"])})
-            rounds.append({"clients": sorted(seen, key=lambda r: r["client"])})
-            return aggregate_metricrecords(replies, weight_key)
-
-        base = FedProx if f.aggregation == "fedprox" else FedAvg
-        extra = {"proximal_mu": f.proximal_mu} if f.aggregation == "fedprox" else {}
-        states = self.state["client_states"]
-
-        class Rounds(base):  # type: ignore[misc, valid-type]
-            """Each round's message carries the clients' latest strategy state, and the last
-            round's asks every client to score its local model."""
-
-            def configure_train(self, server_round, arrays, config, grid):
-                config["states"] = json.dumps(states)
-                config["score"] = server_round == f.rounds
-                return super().configure_train(server_round, arrays, config, grid)
-
-        server = ServerApp()
-
-        @server.main()
-        def main(grid, context) -> None:
-            strategy = Rounds(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=f.clients,
-                              min_available_nodes=f.clients, train_metrics_aggr_fn=collect, **extra)
-            out = strategy.start(grid=grid, initial_arrays=ArrayRecord(initial), num_rounds=f.rounds,
-                                 train_config=ConfigRecord({"run-config": config_text, "phase": phase}))
-            result["arrays"] = out.arrays
-
         start = time.perf_counter()
-        run_simulation(server_app=server, client_app=client_app(),
-                       num_supernodes=f.clients, backend_config={"client_resources": {"num_cpus": 1}})
+        if f.engine == "deployment":
+            from retain.federated_deploy import deploy
+
+            result = deploy(self.run_dir, f.superlink, f.insecure, f.root_certificates, config_text, phase, initial,
+                            self.state["client_states"])
+        else:
+            result = simulate(config_text, phase, initial, self.state["client_states"], f.clients)
         seconds = time.perf_counter() - start
-        if "arrays" not in result or result["arrays"] is None:
+        if result.get("arrays") is None:
             raise RetainError(f"federated: phase {phase + 1} ended without a global adapter (every client failed)")
-        ctx.model.load_state_dict(result["arrays"].to_torch_state_dict(), strict=False)
+        ctx.model.load_state_dict(result["arrays"], strict=False)
         ctx.model.eval()
         stack.after_task(ctx, tasks)
+        rounds = result["rounds"]
+        self.state["client_states"] = result["states"]
+        for client, row in result["scores"].items():
+            self.state["client_R"].setdefault(client, []).append(row)
         nbytes = sum(t.numel() * t.element_size() for t in initial.values())
         record = {"phase": phase, "rounds": rounds, "adapter_bytes": nbytes,
                   "bytes_per_round": [2 * nbytes * len(r["clients"]) for r in rounds]}
@@ -261,5 +301,5 @@ class FederatedRun:
                 "train_s": round(seconds, 3), "trainable_parameters": sum(p.numel() for p in params),
                 "tokens": tokens, "tokens_per_s": round(tokens / seconds, 1) if seconds else None,
                 "loss_first": loss(rounds[0]) if rounds else None, "loss_last": loss(rounds[-1]) if rounds else None,
-                "federated": {"rounds": f.rounds, "clients": f.clients, "bytes": sum(record["bytes_per_round"])}}
-
+                "federated": {"rounds": f.rounds, "clients": f.clients, "engine": f.engine,
+                              "bytes": sum(record["bytes_per_round"])}}

@@ -512,7 +512,7 @@ def execute(config: RunConfig, *, run_dir: Path | None = None, resume: bool = Fa
     if config.federated:
         from retain.federated import FederatedRun
 
-        run.federated = FederatedRun(config, state.federated)
+        run.federated = FederatedRun(config, state.federated, run_dir)
     for phase, tasks in enumerate(phases):
         if phase < state.completed_phases:
             continue

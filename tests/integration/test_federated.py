@@ -95,3 +95,67 @@ def test_fedprox_term_is_half_mu_times_the_squared_distance_to_the_global_adapte
     term.backward()  # it pulls the adapter toward the global one
     assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
     assert Proximal(0.0, anchor).extra_loss(ctx, None, None, []) is None
+
+
+def _free_ports(n: int) -> list[int]:
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def test_deployment_engine_runs_on_a_real_superlink_and_supernodes(tiny_config, tmp_path):
+    """A SuperLink and two SuperNodes as separate processes on localhost; each phase is a
+    Flower App run submitted with `flwr run`."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from retain.loop import execute
+
+    bin_dir = Path(sys.executable).parent
+    link, node0, node1 = _free_ports(3)
+    logs = tmp_path / "flower"
+    logs.mkdir()
+    import os
+
+    # The SuperLink and SuperNodes start Flower's own helper processes by name, from PATH.
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home"),
+           "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    cmds = [[str(bin_dir / "flower-superlink"), "--insecure", "--port", str(link),
+             "--database", str(tmp_path / "link.db")]]
+    cmds += [[str(bin_dir / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link}", "--port", str(p),
+              "--node-config", f"partition-id={i} num-partitions=2"] for i, p in enumerate((node0, node1))]
+    procs = []
+    try:
+        for i, cmd in enumerate(cmds):
+            procs.append(subprocess.Popen(cmd, stdout=open(logs / f"{i}.log", "w"), stderr=subprocess.STDOUT,
+                                          env=env, cwd=tmp_path))
+            time.sleep(3 if i == 0 else 0)
+        task = yaml.safe_load(tiny_config("probe-tasks").read_text())["tasks"][0]
+        path = federated_config(tiny_config, "dep", tasks=[task], federated={
+            "clients": 2, "rounds": 1, "local_steps": 2, "engine": "deployment",
+            "superlink": f"127.0.0.1:{link}", "insecure": True})
+        results = execute(load_config(path), quiet=True)
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=30)
+    (phase,) = results["federated"]["phases"]
+    assert [c["client"] for c in phase["rounds"][0]["clients"]] == [0, 1]
+    assert [c["examples"] for c in phase["rounds"][0]["clients"]] == [8, 8]
+    assert results["timings"][0]["federated"]["engine"] == "deployment"
+    work = tmp_path / "runs" / "dep" / "federated" / "phase-1"
+    assert (work / "global.safetensors").is_file() and (work / "flwr.log").is_file()
+
+
+def test_deployment_engine_needs_tls_or_an_explicit_insecure(tiny_config):
+    with pytest.raises(RetainError, match="root_certificates .* or insecure: true"):
+        load_config(federated_config(tiny_config, federated={"engine": "deployment"}))

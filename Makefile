@@ -21,11 +21,16 @@ setup: $(VENV)/.installed
 demo: setup
 	$(VENV)/bin/retain run configs/demo.yaml
 
+# Two pytest workers of one thread each: on tiny models, two single-threaded processes do more
+# than one process with two threads. Tests that share a cache or start clusters are grouped
+# onto one worker (xdist_group).
+PYTEST = OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadgroup
+
 test: setup
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 test-fast: setup
-	$(PY) -m pytest -q -m 'not embedded'
+	$(PYTEST) -m 'not embedded'
 
 benchmarks: setup
 	$(PY) benchmarks/overhead.py

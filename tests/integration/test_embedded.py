@@ -13,7 +13,8 @@ from retain.loop import execute
 from retain.models import load_model
 from retain.models.loader import gguf_cache, embedded_gguf
 
-pytestmark = pytest.mark.embedded
+# One xdist worker runs these: they share the de-quantized model cache.
+pytestmark = [pytest.mark.embedded, pytest.mark.xdist_group("embedded")]
 
 
 def test_embedded_model_loads_caches_and_runs_a_short_stream(tmp_path):

@@ -118,6 +118,7 @@ def test_parallel_workers_give_the_serial_result(tiny_config, tmp_path):
     _parallel_equals_serial(tiny_config, tmp_path)
 
 
+@pytest.mark.xdist_group("distributed")
 def test_ray_actors_on_two_nodes_give_the_serial_result(tiny_config, tmp_path):
     """The cluster path (es.ray_address): two Ray nodes of one CPU each, so the two actors
     cannot share a node and the weights and seeds cross between nodes' object stores. (A local

@@ -11,6 +11,8 @@ from retain.errors import RetainError
 
 pytest.importorskip("flwr", reason="federated is an extra: pip install 'retain[federated]'")
 pytest.importorskip("ray", reason="Flower's simulation engine runs on Ray: pip install 'retain[federated]'")
+# Ray and Flower start clusters and servers: one xdist worker runs them, one after another.
+pytestmark = pytest.mark.xdist_group("distributed")
 
 
 def federated_config(tiny_config, name="fl", **over):
@@ -109,12 +111,26 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
+def _wait_for_port(port: int, proc, log, timeout: float = 90.0) -> None:
+    import socket
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"flower-superlink exited: {log.read_text()[-800:]}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    pytest.fail(f"flower-superlink did not listen on {port} within {timeout:.0f} s")
+
+
 def test_deployment_engine_runs_on_a_real_superlink_and_supernodes(tiny_config, tmp_path):
     """A SuperLink and two SuperNodes as separate processes on localhost; each phase is a
     Flower App run submitted with `flwr run`."""
     import subprocess
     import sys
-    import time
     from pathlib import Path
 
     from retain.loop import execute
@@ -137,7 +153,8 @@ def test_deployment_engine_runs_on_a_real_superlink_and_supernodes(tiny_config, 
         for i, cmd in enumerate(cmds):
             procs.append(subprocess.Popen(cmd, stdout=open(logs / f"{i}.log", "w"), stderr=subprocess.STDOUT,
                                           env=env, cwd=tmp_path))
-            time.sleep(3 if i == 0 else 0)
+            if i == 0:  # the SuperNodes and `flwr run` need the SuperLink listening
+                _wait_for_port(link, procs[0], logs / "0.log")
         task = yaml.safe_load(tiny_config("probe-tasks").read_text())["tasks"][0]
         path = federated_config(tiny_config, "dep", tasks=[task], federated={
             "clients": 2, "rounds": 1, "local_steps": 2, "engine": "deployment",

@@ -17,6 +17,11 @@ Suites (each run is `retain run configs/<run>.yaml` in its own process, one afte
 - ``replay-budget``: lora+replay at buffer sizes 25, 50, 100, 200 for the reservoir,
   coreset and surprise policies: AA against buffer size (size 200 is the configs' own, so
   those three runs are reused from the engine and architecture suites).
+- ``privacy``: lora+replay without DP and under DP-SGD at epsilon 1, 4, 8 per phase, and
+  federated with 2 and 4 clients (5 rounds of 20 local steps per task) against the same
+  training centralized: AA, BWT, probe, epsilon spent, membership-inference AUC (100 members
+  and non-members per task), time per step. Resumable: a run whose results are kept is not
+  run again (delete benchmarks/results/privacy/<run>.json to re-measure it).
 
 Each run's results.json is copied to benchmarks/results/<suite>/, the summary to
 benchmarks/results/<suite>.{md,json}.
@@ -50,9 +55,12 @@ SUITES = {
 BUDGETS = [25, 50, 100, 200]
 POLICIES = ["reservoir", "coreset", "surprise"]
 SUITES["replay-budget"] = [f"budget-{p}-{b}" for p in POLICIES for b in BUDGETS]
+SUITES["privacy"] = ["private-none", "private-eps8", "private-eps4", "private-eps1", "federated-2", "federated-4"]
+#: Every privacy run scores the probe on 50 seeded items per suite and runs the membership check.
+PRIVACY_OVERRIDES = ["eval.probe_max=50", "eval.membership=100"]
 # Where a suite's directory of per-run results lives (the engine suite predates suites).
 FOLDER = {"engine": "stream", "regularization": "regularization", "cpt": "cpt", "architecture": "architecture",
-          "replay-budget": "replay-budget"}
+          "replay-budget": "replay-budget", "privacy": "privacy"}
 # Runs measured by the engine suite with the same config: reused, not run again.
 REUSED = {"regularization": {"naive"}, "architecture": {"naive", "lora-replay", "joint"}}
 # Budget runs whose config equals a run another suite measured (buffer 200 is the configs' size).
@@ -65,6 +73,14 @@ def command(name: str) -> tuple[str, list[str]]:
     if name.startswith("budget-"):
         _, policy, size = name.split("-")
         return "lora-replay", [f"replay.policy={policy}", f"replay.buffer_size={size}", f"name={name}"]
+    if name == "private-none":
+        return "lora-replay", [*PRIVACY_OVERRIDES, f"name={name}"]
+    if name.startswith("private-eps"):
+        return "private-lora-replay", [*PRIVACY_OVERRIDES, f"privacy.epsilon={name[len('private-eps'):]}",
+                                       f"name={name}"]
+    if name.startswith("federated-"):
+        return "lora-replay", [*PRIVACY_OVERRIDES, f"federated.clients={name.split('-')[1]}", "federated.rounds=5",
+                               "federated.local_steps=20", f"name={name}"]
     return name, []
 
 
@@ -164,9 +180,10 @@ def main() -> None:
         if name in SAME_AS and (RESULTS / f"{SAME_AS[name]}.json").is_file():
             results[name] = load_results(RESULTS / f"{SAME_AS[name]}.json")
             continue
-        if args.summarize_only:
-            if (RESULTS / folder / f"{name}.json").is_file():
-                results[name] = load_results(RESULTS / folder / f"{name}.json")
+        kept = RESULTS / folder / f"{name}.json"
+        if args.summarize_only or (args.suite == "privacy" and kept.is_file()):
+            if kept.is_file():
+                results[name] = load_results(kept)
             continue
         # One process per run, exactly as a user runs it, so peak memory is the run's own.
         start = time.perf_counter()
@@ -317,6 +334,26 @@ def budget_table(results: dict, plot: Path) -> list[str]:
             *[f"| {p} | " + " | ".join(cell(p, b) for b in BUDGETS) + " |" for p in POLICIES]]
 
 
+def privacy_table(results: dict) -> list[str]:
+    """AA, BWT, probe, epsilon, membership AUC and time per step, each run against no DP."""
+    base = results.get("private-none")
+    rows = ["| run | AA | BWT | probe retained % | epsilon (stream) | MIA AUC base -> final | s / step | "
+            "x no-DP | MiB sent |", "|---|" + "---|" * 8]
+    for name, r in results.items():
+        m, mia = r["metrics"], r.get("membership") or {}
+        auc = (f"{mia['base']['auc']:.3f} -> {mia['final']['auc']:.3f}" if mia.get("base") and mia.get("final")
+               else "n/a")
+        eps = (r.get("privacy") or {}).get("epsilon")
+        sent = sum(sum(p["bytes_per_round"]) for p in (r.get("federated") or {}).get("phases", [])) / 2**20
+        ratio = f"{per_step(r) / per_step(base):.2f}" if base else "n/a"
+        cell = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
+        rows.append(f"| {name} | {cell(m.get('AA'), '.1f')} | {cell(m.get('BWT'), '+.1f')} | "
+                    f"{cell((r.get('probe') or {}).get('retention'), '.1f')} | {cell(eps, '.2f') if eps else 'none'} | "
+                    f"{auc} | {per_step(r):.2f} | {ratio} | {sent:.1f} |")
+    return rows + ["", "One seed each: differences of a few points are within noise (see the seeded engine "
+                   "suite). Federated steps are per client and round; its time includes Flower and Ray."]
+
+
 def summarize_suite(suite: str, folder: str, results: dict, runs: list) -> None:
     m = machine()
     head = [f"{m['device']}, {m['torch_threads']} threads, {m['date']}; configs `configs/<run>.yaml`; "
@@ -327,6 +364,9 @@ def summarize_suite(suite: str, folder: str, results: dict, runs: list) -> None:
         compare_plot(runs, RESULTS / f"{folder}.png")
         body = ["# Memory and architecture methods on the `numbers` stream", "", *head,
                 *architecture_table(results), "", f"![comparison]({folder}.png)", ""]
+    elif suite == "privacy":
+        body = ["# Privacy: DP-SGD and federated lora+replay on the `numbers` stream", "", *head,
+                *privacy_table(results), ""]
     elif suite == "replay-budget":
         body = ["# Replay memory budget: AA against buffer size (lora+replay, `numbers`)", "", *head,
                 *budget_table(results, RESULTS / f"{folder}.png"), "", f"![budget]({folder}.png)", ""]

@@ -368,6 +368,16 @@ def validate(
     out.print(f"config ok: {config}")
     out.print(f"  model    {cfg.model} ({kind}: {location})")
     out.print(f"  strategy {stack.name}")
+    if cfg.privacy is not None:
+        p = cfg.privacy
+        budget = f"epsilon {p.epsilon:g} per phase" if p.epsilon is not None else f"noise {p.noise_multiplier:g}"
+        out.print(f"  privacy  DP-SGD, {budget}, delta {p.delta:g}, per-example clip {p.max_grad_norm:g} "
+                  f"({p.accountant})")
+    if cfg.federated is not None:
+        f = cfg.federated
+        where = f"SuperLink {f.superlink}" if f.engine == "deployment" else "simulated on Ray"
+        out.print(f"  federated {f.clients} clients ({where}), {f.rounds} rounds x {f.local_steps} local steps "
+                  f"per task, {f.aggregation}")
     for key in cfg.unused_sections():
         out.print(f"  note     section '{key}' configures a method not in this strategy; it is not used")
     for t in stream.tasks:

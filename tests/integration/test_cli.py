@@ -58,6 +58,12 @@ def test_report_compare_generate_list_validate(tiny_config, tmp_path):
     assert all(s in result.output for s in ("lora-per-task", "replay", "joint", "tiny-random", "numbers"))
     result = invoke("validate", tiny_config("v"))
     assert result.exit_code == 0 and "task     upper: 16 train, 6 test" in result.output
+    result = invoke("validate", tiny_config("p2", strategy="lora+replay", privacy={"epsilon": 4, "delta": 1e-3}))
+    text = " ".join(result.output.split())
+    assert result.exit_code == 0 and "privacy DP-SGD, epsilon 4 per phase, delta 0.001" in text
+    result = invoke("validate", tiny_config("f", strategy="lora+replay", federated={"clients": 2, "rounds": 3}))
+    text = " ".join(result.output.split())
+    assert result.exit_code == 0 and "federated 2 clients (simulated on Ray), 3 rounds x 10 local steps" in text
 
 
 def test_generate_answers_with_the_trained_weights(tiny_config, tmp_path):

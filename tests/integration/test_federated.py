@@ -71,6 +71,7 @@ def test_federated_run_averages_the_clients_adapters_and_survives_a_lost_client(
     (dict(strategy="naive"), "must own LoRA weights through 'lora'"),
     (dict(strategy="lora+ewc"), "'ewc' keeps state a client cannot carry"),
     (dict(online={}), "online mode"),
+    (dict(privacy={"epsilon": 4, "delta": 1e-3}), "DP on the clients' updates is not supported yet"),
     (dict(federated={"clients": 12}), "task 'small' has fewer training examples than clients"),
 ])
 def test_what_a_federated_run_would_not_do_is_refused(tiny_config, over, fragment):

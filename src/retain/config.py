@@ -223,6 +223,15 @@ class PrivacyConfig(_Strict):
         return self
 
 
+class FederatedDP(_Strict):
+    """Client-level DP on the averaged updates (Flower's server-side fixed clipping)."""
+
+    noise_multiplier: float = Field(gt=0, description="noise std over clipping_norm, added to the average")
+    clipping_norm: float = Field(gt=0, description="each client's update (its adapter minus the global one) is "
+                                 "clipped to this L2 norm")
+    delta: float = Field(default=1e-5, gt=0, lt=1, description="delta for the reported epsilon")
+
+
 class FederatedConfig(_Strict):
     """Federated continual learning on Flower (``retain[federated]``): clients average LoRA adapters."""
 
@@ -241,6 +250,8 @@ class FederatedConfig(_Strict):
                            "only)")
     root_certificates: str | None = Field(default=None, description="deployment: CA certificate of the SuperLink's "
                                           "TLS")
+    dp: FederatedDP | None = Field(default=None, description="client-level DP: clip each client's update, add "
+                                   "Gaussian noise to the average (needs retain[privacy] for the accounting)")
 
     @model_validator(mode="after")
     def _tls(self) -> "FederatedConfig":

@@ -65,7 +65,11 @@ def check(config: "RunConfig", stream: "Stream", stack: "StrategyStack") -> None
     if config.online is not None:
         raise RetainError("federated: online mode is not supported; train with task boundaries")
     if config.privacy is not None:
-        raise RetainError("federated: DP on the clients' updates is not supported yet; drop privacy: or federated:")
+        raise RetainError("federated: record-level DP-SGD on the clients (privacy:) is not supported; "
+                          "federated.dp adds client-level DP to the averaged updates instead")
+    if config.federated.dp is not None and importlib.util.find_spec("opacus") is None:
+        raise RetainError("federated.dp: its epsilon is computed with Opacus's accountant, which is not installed "
+                          "(pip install 'retain[privacy]')")
     k = config.federated.clients
     small = [t.name for t in stream.tasks if len(t.train) < k]
     if small:
@@ -175,7 +179,10 @@ def client_app():
         states = json.loads(cfg["states"])
         new, report = train_client(cfg["run-config"], client, int(cfg["phase"]), int(cfg["server-round"]), weights,
                                    states.get(str(client), {}), float(cfg.get("proximal-mu", 0.0)), bool(cfg["score"]))
-        metrics = MetricRecord({"num-examples": report["examples"], "client": client,
+        # Client-level DP averages uniformly (an example-weighted mean would reveal the clients' sizes).
+        dp = yaml.safe_load(cfg["run-config"])["federated"].get("dp")
+        metrics = MetricRecord({"num-examples": 1 if dp else report["examples"], "examples": report["examples"],
+                                "client": client,
                                 "loss": float(report["loss_last"] or 0.0), "tokens": report["tokens"]})
         extra = ConfigRecord({"state": report["state"], "scores": json.dumps(report.get("scores"))})
         return Message(RecordDict({"arrays": ArrayRecord(new), "metrics": metrics, "client": extra}), reply_to=msg)
@@ -184,6 +191,22 @@ def client_app():
 
 
 # -- the server ------------------------------------------------------------------------
+def client_level_epsilon(config: "RunConfig", phases: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Client-level DP of the averaged updates: every round is one Gaussian release of the whole
+    federation (all clients take part: no sampling amplification), composed by Opacus's RDP
+    accountant. A client's whole data is the unit protected."""
+    dp = config.federated.dp
+    if dp is None:
+        return None
+    from retain.privacy import epsilon
+
+    releases = sum(len(p["rounds"]) for p in phases)
+    return {"noise_multiplier": dp.noise_multiplier, "clipping_norm": dp.clipping_norm, "delta": dp.delta,
+            "releases": releases, "unit": "client",
+            "epsilon": round(epsilon([(dp.noise_multiplier, 1.0, releases)], dp.delta, "rdp"), 4)}
+
+
+
 def serve_rounds(grid, config_text: str, phase: int, initial: dict[str, torch.Tensor],
                  states: dict[str, Any]) -> dict[str, Any]:
     """The server's part of one phase, wherever the ServerApp runs (this process for the
@@ -211,7 +234,7 @@ def serve_rounds(grid, config_text: str, phase: int, initial: dict[str, torch.Te
             row = json.loads(extra["scores"])
             if row is not None:
                 scores[str(client)] = row
-            seen.append({"client": client, "examples": int(m["num-examples"]), "loss": float(m["loss"]),
+            seen.append({"client": client, "examples": int(m["examples"]), "loss": float(m["loss"]),
                          "tokens": int(m["tokens"])})
         rounds.append({"clients": sorted(seen, key=lambda r: r["client"])})
         return aggregate_metricrecords(replies, weight_key)
@@ -230,6 +253,12 @@ def serve_rounds(grid, config_text: str, phase: int, initial: dict[str, torch.Te
 
     strategy = Rounds(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=f.clients,
                       min_available_nodes=f.clients, train_metrics_aggr_fn=collect, **extra)
+    if f.dp is not None:
+        from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
+
+        # Flower's wrapper: clip each client's update to clipping_norm, add noise to the mean.
+        strategy = DifferentialPrivacyServerSideFixedClipping(strategy, f.dp.noise_multiplier, f.dp.clipping_norm,
+                                                              num_sampled_clients=f.clients)
     out = strategy.start(grid=grid, initial_arrays=ArrayRecord(initial), num_rounds=f.rounds,
                          train_config=ConfigRecord({"run-config": config_text, "phase": phase}))
     arrays = out.arrays.to_torch_state_dict() if out.arrays is not None else None

@@ -71,7 +71,7 @@ def test_federated_run_averages_the_clients_adapters_and_survives_a_lost_client(
     (dict(strategy="naive"), "must own LoRA weights through 'lora'"),
     (dict(strategy="lora+ewc"), "'ewc' keeps state a client cannot carry"),
     (dict(online={}), "online mode"),
-    (dict(privacy={"epsilon": 4, "delta": 1e-3}), "DP on the clients' updates is not supported yet"),
+    (dict(privacy={"epsilon": 4, "delta": 1e-3}), "record-level DP-SGD on the clients"),
     (dict(federated={"clients": 12}), "task 'small' has fewer training examples than clients"),
 ])
 def test_what_a_federated_run_would_not_do_is_refused(tiny_config, over, fragment):
@@ -79,6 +79,32 @@ def test_what_a_federated_run_would_not_do_is_refused(tiny_config, over, fragmen
 
     with pytest.raises(RetainError, match=fragment):
         check_run(load_config(federated_config(tiny_config, **over)))
+
+
+def test_client_level_dp_clips_each_update_and_reports_its_epsilon(tiny_config, tmp_path):
+    """A clipping norm far below the clients' update norms and negligible noise: the global
+    adapter moves by at most the clipping norm, and epsilon is Opacus's for the rounds."""
+    from opacus.accountants import create_accountant
+
+    from retain.federated import _client, adapter
+    from retain.loop import execute, restore
+
+    task = yaml.safe_load(tiny_config("probe-tasks").read_text())["tasks"][0]
+    path = federated_config(tiny_config, "fldp", strategy="lora", tasks=[task], train__lr=0.05, federated={
+        "clients": 2, "rounds": 1, "local_steps": 3, "dp": {"noise_multiplier": 1e-6, "clipping_norm": 1e-3}})
+    results = execute(load_config(path), quiet=True)
+    dp = results["federated"]["dp"]
+    acc = create_accountant("rdp")
+    acc.history = [(1e-6, 1.0, 1)]
+    assert dp["releases"] == 1 and dp["epsilon"] == pytest.approx(acc.get_epsilon(delta=1e-5), rel=1e-3)
+    assert results["metrics"]["epsilon"] == dp["epsilon"]
+    text = yaml.safe_dump(load_config(path).resolved(), sort_keys=False)
+    initial = adapter(_client(text, 0)[0].model)
+    ctx, _ = restore(tmp_path / "runs" / "fldp")
+    final = {n: p.detach() for n, p in ctx.model.named_parameters() if "lora_" in n}
+    moved = torch.sqrt(sum(((final[k] - initial[k]) ** 2).sum() for k in final))
+    assert 0 < moved <= 1e-3 * 1.01
+    assert "Client-level DP" in (tmp_path / "runs" / "fldp" / "report.md").read_text()
 
 
 def test_fedprox_term_is_half_mu_times_the_squared_distance_to_the_global_adapter():

@@ -126,6 +126,11 @@ def federated_section(results: dict[str, Any]) -> list[str]:
              + (f" (mu {f['proximal_mu']:g})" if f["aggregation"] == "fedprox" else "")
              + " over the LoRA adapter, weighted by the clients' examples. R above scores the global model.", "",
              *markdown_table(["phase", "rounds", "clients answering (per round)", "MiB sent (both ways)"], rows), ""]
+    if f.get("dp"):
+        d = f["dp"]
+        lines += [f"Client-level DP: each client's update clipped to {d['clipping_norm']:g}, Gaussian noise "
+                  f"(multiplier {d['noise_multiplier']:g}) on the average; ({fmt(d['epsilon'], 2)}, {d['delta']:g})-DP "
+                  f"for a client's whole data over {d['releases']} rounds.", ""]
     client_rows = [[f"client {c}", *[fmt(v) for v in rows_[-1]]] for c, rows_ in sorted(f["client_R"].items()) if rows_]
     if client_rows:
         lines += ["Each client's own local model after its last round (its last row of `federated.client_R`):", "",

@@ -142,8 +142,13 @@ def build_results(config, stream, state: dict[str, Any]) -> dict[str, Any]:
     if state.get("federated"):
         fed = state["federated"]
         # The clients' scores of their own last local model (rows: phases), and each round's clients.
+        from retain.federated import client_level_epsilon
+
         results["federated"] = {**config.federated.model_dump(), "client_R": fed["client_R"],
                                 "phases": fed["phases"]}
+        if config.federated.dp is not None:
+            results["federated"]["dp"] = client_level_epsilon(config, fed["phases"])
+            results["metrics"]["epsilon"] = results["federated"]["dp"]["epsilon"]
     if state.get("membership"):
         results["membership"] = state["membership"]
         final = state["membership"].get("final") or {}

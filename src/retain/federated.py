@@ -171,17 +171,18 @@ def client_app():
     def train(msg: Message, context: FlowerContext) -> Message:
         cfg = msg.content["config"]
         client = int(context.node_config["partition-id"])
-        expected = yaml.safe_load(cfg["run-config"])["federated"]["clients"]
+        federated = yaml.safe_load(cfg["run-config"])["federated"]  # parsed once per round
+        expected = federated["clients"]
         if int(context.node_config.get("num-partitions", expected)) != expected:
             raise RetainError(f"this SuperNode says num-partitions={context.node_config['num-partitions']}, the run "
                               f"has federated.clients={expected}")
         weights = msg.content["arrays"].to_torch_state_dict()
         states = json.loads(cfg["states"])
         new, report = train_client(cfg["run-config"], client, int(cfg["phase"]), int(cfg["server-round"]), weights,
-                                   states.get(str(client), {}), float(cfg.get("proximal-mu", 0.0)), bool(cfg["score"]))
+                                   states.get(str(client), {}), float(cfg.get("proximal-mu", 0.0)),
+                                   bool(cfg["score"]))
         # Client-level DP averages uniformly (an example-weighted mean would reveal the clients' sizes).
-        dp = yaml.safe_load(cfg["run-config"])["federated"].get("dp")
-        metrics = MetricRecord({"num-examples": 1 if dp else report["examples"], "examples": report["examples"],
+        metrics = MetricRecord({"num-examples": 1 if federated.get("dp") else report["examples"], "examples": report["examples"],
                                 "client": client,
                                 "loss": float(report["loss_last"] or 0.0), "tokens": report["tokens"]})
         extra = ConfigRecord({"state": report["state"], "scores": json.dumps(report.get("scores"))})

@@ -182,8 +182,8 @@ def client_app():
                                    states.get(str(client), {}), float(cfg.get("proximal-mu", 0.0)),
                                    bool(cfg["score"]))
         # Client-level DP averages uniformly (an example-weighted mean would reveal the clients' sizes).
-        metrics = MetricRecord({"num-examples": 1 if federated.get("dp") else report["examples"], "examples": report["examples"],
-                                "client": client,
+        metrics = MetricRecord({"num-examples": 1 if federated.get("dp") else report["examples"],
+                                "examples": report["examples"], "client": client,
                                 "loss": float(report["loss_last"] or 0.0), "tokens": report["tokens"]})
         extra = ConfigRecord({"state": report["state"], "scores": json.dumps(report.get("scores"))})
         return Message(RecordDict({"arrays": ArrayRecord(new), "metrics": metrics, "client": extra}), reply_to=msg)

@@ -56,11 +56,24 @@ BUDGETS = [25, 50, 100, 200]
 POLICIES = ["reservoir", "coreset", "surprise"]
 SUITES["replay-budget"] = [f"budget-{p}-{b}" for p in POLICIES for b in BUDGETS]
 SUITES["privacy"] = ["private-none", "private-eps8", "private-eps4", "private-eps1", "federated-2", "federated-4"]
+#: Online (task-free) methods, each on `numbers` and on a capped `standard-cl` (online-cl-*).
+ONLINE = {
+    "lora": ["strategy=lora"],
+    "replay": ["strategy=lora+replay", "replay.buffer_size=200", "replay.ratio=0.5"],
+    "mir": [],  # configs/online-mir.yaml as it is
+    "tf-ewc": ["strategy=lora+tf-ewc"],
+    "tf-lora": [],  # configs/online-tf-lora.yaml as it is
+}
+#: standard-cl in online mode, capped for 2 CPU cores: 100 training examples per task, every task
+#: scored every 50 examples on 50 test items, the config's four probes at the hidden boundaries.
+ONLINE_CL = ["stream={name: standard-cl, order: 1, max_train: 100, max_test: 50}", "online.eval_every=50",
+             "eval.probe=[arc-easy,piqa,hellaswag,mmlu]"]
+SUITES["online"] = [f"online-{m}" for m in ONLINE] + [f"online-cl-{m}" for m in ONLINE]
 #: Every privacy run scores the probe on 50 seeded items per suite and runs the membership check.
 PRIVACY_OVERRIDES = ["eval.probe_max=50", "eval.membership=100"]
 # Where a suite's directory of per-run results lives (the engine suite predates suites).
 FOLDER = {"engine": "stream", "regularization": "regularization", "cpt": "cpt", "architecture": "architecture",
-          "replay-budget": "replay-budget", "privacy": "privacy"}
+          "replay-budget": "replay-budget", "privacy": "privacy", "online": "online"}
 # Runs measured by the engine suite with the same config: reused, not run again.
 REUSED = {"regularization": {"naive"}, "architecture": {"naive", "lora-replay", "joint"}}
 # Budget runs whose config equals a run another suite measured (buffer 200 is the configs' size).
@@ -81,6 +94,11 @@ def command(name: str) -> tuple[str, list[str]]:
     if name.startswith("federated-"):
         return "lora-replay", [*PRIVACY_OVERRIDES, f"federated.clients={name.split('-')[1]}", "federated.rounds=5",
                                "federated.local_steps=20", f"name={name}"]
+    if name.startswith("online-"):
+        cl = name.startswith("online-cl-")
+        method = name[len("online-cl-" if cl else "online-"):]
+        config = "online-tf-lora" if method == "tf-lora" else "online-mir"
+        return config, [*ONLINE[method], *(ONLINE_CL if cl else []), f"name={name}"]
     return name, []
 
 
@@ -181,7 +199,7 @@ def main() -> None:
             results[name] = load_results(RESULTS / f"{SAME_AS[name]}.json")
             continue
         kept = RESULTS / folder / f"{name}.json"
-        if args.summarize_only or (args.suite == "privacy" and kept.is_file()):
+        if args.summarize_only or (args.suite in ("privacy", "online") and kept.is_file()):
             if kept.is_file():
                 results[name] = load_results(kept)
             continue
@@ -354,6 +372,39 @@ def privacy_table(results: dict) -> list[str]:
                    "suite). Federated steps are per client and round; its time includes Flower and Ray."]
 
 
+def online_table(results: dict) -> list[str]:
+    """Anytime and final accuracy, forgetting, probe, where shifts fell and cost; then each method
+    paired against plain LoRA on the same stream (the same test items)."""
+    from retain.reporting.compare import paired_table
+    from retain.reporting.report import fmt
+
+    def ci(r: dict, key: str) -> str:
+        lo_hi = ((r.get("intervals") or {}).get("metrics") or {}).get(key)
+        value = fmt(r["metrics"].get(key), signed=key == "BWT")
+        return f"{value} [{fmt(lo_hi[0])}, {fmt(lo_hi[1])}]" if lo_hi else value
+
+    rows = ["| run | strategy | AAA | final AA [95%] | BWT [95%] | FM | online acc | probe retained % | "
+            "hidden boundaries | detected shifts | s / step | wall s |", "|---|" + "---|" * 11]
+    for name, r in results.items():
+        o = r.get("online") or {}
+        shifts, bounds = o.get("shifts"), ", ".join(map(str, o.get("boundaries", [])))
+        rows.append(f"| {name} | {r['strategy']} | {fmt(o.get('AAA'))} | {ci(r, 'AA')} | {ci(r, 'BWT')} | "
+                    f"{fmt(r['metrics'].get('FM'))} | {fmt(o.get('online_accuracy'))} | "
+                    f"{fmt((r.get('probe') or {}).get('retention'))} | {bounds} | "
+                    f"{'-' if shifts is None else ', '.join(map(str, shifts)) or 'none'} | {per_step(r):.2f} | "
+                    f"{fmt(r.get('wall_s'), 0)} |")
+    lines = rows + [""]
+    for prefix, label in (("online-", "`numbers`"), ("online-cl-", "`standard-cl`")):
+        group = {n: [r] for n, r in results.items() if n.startswith(prefix) and (prefix == "online-cl-"
+                                                                                   or not n.startswith("online-cl-"))}
+        if f"{prefix}lora" in group and len(group) > 1:
+            table, _ = paired_table(f"{prefix}lora", group)
+            lines += [f"On {label}:", "", table, ""]
+    return lines + ["One seed each; the paired intervals resample test items, so they show what the test set "
+                    "can resolve, not seed-to-seed variation. s / step includes the anytime evaluations and "
+                    "the prequential scoring, which run inside the pass."]
+
+
 def summarize_suite(suite: str, folder: str, results: dict, runs: list) -> None:
     m = machine()
     head = [f"{m['device']}, {m['torch_threads']} threads, {m['date']}; configs `configs/<run>.yaml`; "
@@ -367,6 +418,9 @@ def summarize_suite(suite: str, folder: str, results: dict, runs: list) -> None:
     elif suite == "privacy":
         body = ["# Privacy: DP-SGD and federated lora+replay on the `numbers` stream", "", *head,
                 *privacy_table(results), ""]
+    elif suite == "online":
+        body = ["# Online (task-free) learning: one pass, boundaries hidden and blurred", "", *head,
+                *online_table(results), ""]
     elif suite == "replay-budget":
         body = ["# Replay memory budget: AA against buffer size (lora+replay, `numbers`)", "", *head,
                 *budget_table(results, RESULTS / f"{folder}.png"), "", f"![budget]({folder}.png)", ""]
@@ -376,7 +430,7 @@ def summarize_suite(suite: str, folder: str, results: dict, runs: list) -> None:
         body = ["# Regularization and distillation on the `numbers` stream", "", *head, comparison_table(runs), "",
                 "Targets:", "", *[f"- {line}" for line in lines], "", f"![comparison]({folder}.png)", ""]
     write(folder, {"machine": m, "runs": {n: {k: r.get(k) for k in ("metrics", "probe", "wall_s", "R", "base",
-                                                                     "strategy_stats", "timings")}
+                                                                     "strategy_stats", "timings", "online")}
                                           for n, r in results.items()}}, "\n".join(body))
 
 

@@ -64,6 +64,7 @@ SMALL_OPTIONS = {
     "replay": {"buffer_size": 6, "ratio": 0.5},
     "mir": {"buffer_size": 6, "candidates": 4, "retrieve": 2},
     "tf_ewc": {"window": 2, "plateau_cv": 0.5, "recent": 6, "fisher_samples": 2},
+    "tf_lora": {"r": 4, "window": 2, "plateau_cv": 0.5, "max_adapters": 2, "centroid_samples": 4},
     "distill-replay": {"buffer_size": 5, "ratio": 0.5, "top_k": 3},
     "generative_replay": {"samples_per_task": 4, "max_new_tokens": 8},
     "ewc": {"fisher_samples": 3},

@@ -108,15 +108,15 @@ def test_strategies_that_need_boundaries_are_refused(tiny_config, strategy, frag
         check_run(online_config(tiny_config, replay={"policy": "coreset", "buffer_size": 8}))
 
 
-def killed_at_sixth_step(tiny_config, tmp_path, monkeypatch, over: dict):
-    """An online run killed at its sixth gradient step: its folder and the checkpoint it left."""
+def killed_at_sixth_step(tiny_config, tmp_path, monkeypatch, over: dict, at: int = 6):
+    """An online run killed at its sixth (or ``at``-th) gradient step: its folder and the checkpoint it left."""
     import retain.loop as loop
 
     real, calls = loop.Run.gradient_step, []
 
     def dying(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 6:
+        if len(calls) == at:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
@@ -221,4 +221,84 @@ def test_tf_ewc_killed_after_a_consolidation_resumes_exactly(tiny_config, tmp_pa
     resumed = execute(loop.load_run_config(run_dir), run_dir=run_dir, resume=True, quiet=True)
     assert resumed["R"] == full["R"] and resumed["online"]["curve"] == full["online"]["curve"]
     assert [t["loss_last"] for t in resumed["timings"]] == [t["loss_last"] for t in full["timings"]]
+    assert resumed["strategy_stats"] == full["strategy_stats"]
+
+
+TFL = dict(strategy="tf-lora", tf_lora={"r": 4, "window": 2, "plateau_cv": 0.5, "peak_ratio": 1.005,
+                                        "max_adapters": 3, "centroid_samples": 6},
+           train__lr=0.3, online={"eval_every": 4, "passes": 2})
+
+
+def lora_weights(model, adapter: str) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if f".{adapter}." in n}
+
+
+def test_tf_lora_opens_an_adapter_at_each_shift_and_freezes_the_one_before(tiny_config, tmp_path, monkeypatch):
+    """Adapter k trains only between the shifts that open k and k+1; each input is answered by
+    the adapter of its nearest centroid."""
+    import retain.strategies.tf_lora as tfl
+    from retain.loop import restore
+
+    snapshots: dict[int, dict] = {}
+    real = tfl.TaskFreeLora.observe
+
+    def watching(self, ctx):
+        before = self.active
+        real(self, ctx)
+        if self.active != before:  # the adapter that just closed, as it was at the shift
+            snapshots[before] = lora_weights(ctx.model, tfl.segment(before))
+
+    monkeypatch.setattr(tfl.TaskFreeLora, "observe", watching)
+    results = execute(online_config(tiny_config, "tfl", **TFL), quiet=True)
+    stats = results["strategy_stats"][-1]["tf-lora"]
+    assert stats["shifts_at_step"], "the sharp loss jump at the hidden boundary should read as a shift"
+    assert stats["adapters"] == min(len(stats["shifts_at_step"]) + 1, 3) == len(snapshots) + 1
+    assert stats["adapter_opened_at_step"] == [0] + stats["shifts_at_step"][:2]
+    assert results["online"]["shifts"] == [min(-(-s // 2) * 4, 26) for s in stats["shifts_at_step"]]  # 2 passes
+    assert stats["centroid_inputs"] == [6] * (stats["adapters"] - 1) + [stats["centroid_inputs"][-1]]
+
+    ctx, stack = restore(tmp_path / "runs" / "tfl")
+    for k, frozen in snapshots.items():  # closed adapters ended as they were at their shift
+        now = lora_weights(ctx.model, tfl.segment(k))
+        assert frozen and all(torch.equal(now[n], frozen[n]) for n in frozen)
+        assert any(v.abs().sum() > 0 for n, v in now.items() if "lora_B" in n)  # and did train before it
+    untouched = lora_weights(ctx.model, tfl.segment(2)) if stats["adapters"] < 3 else {}
+    assert all(float(v.abs().sum()) == 0 for n, v in untouched.items() if "lora_B" in n)
+
+    # Routing: the model (in eval mode) sends each input to its nearest centroid's adapter.
+    router = ctx.accelerator.unwrap_model(ctx.model)
+    names, centroids = router.centroids()
+    prompts = ["upper cat", "is 3 small?"]
+    from retain.embeddings import embed_texts
+
+    with router.base.disable_adapter():
+        expected = [names[i] for i in (embed_texts(router.base, ctx.tokenizer, prompts) @ centroids.T).argmax(1)]
+    enc = ctx.tokenizer(prompts, return_tensors="pt", padding=True)
+    router.eval()
+    with torch.no_grad():
+        routed = router(**enc).logits
+        assert router.last_routes == expected
+        # A row routed to adapter k scores as the model with only adapter k active.
+        for r, name in enumerate(expected):
+            router.base.set_adapter(name)
+            alone = router.base(input_ids=enc["input_ids"][r:r + 1], attention_mask=enc["attention_mask"][r:r + 1])
+            n = int(enc["attention_mask"][r].sum())
+            assert torch.allclose(routed[r, -n:] if ctx.tokenizer.padding_side == "left" else routed[r, :n],
+                                  alone.logits[0, -n:] if ctx.tokenizer.padding_side == "left" else alone.logits[0, :n],
+                                  atol=1e-4)
+    saved = json.loads((tmp_path / "runs" / "tfl" / "adapters" / "routing.json").read_text())
+    assert saved["adapters"] == names
+    assert all((tmp_path / "runs" / "tfl" / "adapters" / n / "adapter_config.json").is_file() for n in names)
+
+
+def test_tf_lora_killed_after_a_shift_resumes_exactly(tiny_config, tmp_path, monkeypatch):
+    import retain.loop as loop
+
+    over = dict(train__checkpoint_every=2, **TFL)
+    full = execute(online_config(tiny_config, "full", **over), quiet=True)
+    assert full["strategy_stats"][-1]["tf-lora"]["shifts_at_step"][0] <= 11  # seen before the kill below
+    run_dir, state = killed_at_sixth_step(tiny_config, tmp_path, monkeypatch, over, at=13)
+    assert state["progress"]["strategy"]["tf-lora"]["active"] >= 1
+    resumed = execute(loop.load_run_config(run_dir), run_dir=run_dir, resume=True, quiet=True)
+    assert resumed["R"] == full["R"] and resumed["online"]["curve"] == full["online"]["curve"]
     assert resumed["strategy_stats"] == full["strategy_stats"]

@@ -22,6 +22,14 @@ Suites (each run is `retain run configs/<run>.yaml` in its own process, one afte
   training centralized: AA, BWT, probe, epsilon spent, membership-inference AUC (100 members
   and non-members per task), time per step. Resumable: a run whose results are kept is not
   run again (delete benchmarks/results/privacy/<run>.json to re-measure it).
+- ``online``: task-free online learning (one stream, boundaries hidden and blurred) on ``numbers``
+  and on ``standard-cl`` capped at 100 training examples per task (``online-cl-*``): LoRA alone,
+  LoRA with online replay, MIR, tf-ewc and tf-lora; AAA, final AA, BWT, FM, online (prequential)
+  accuracy, probe, hidden boundaries against detected shifts, each method paired against LoRA
+  alone on the same test items. Resumable like ``privacy``.
+
+A run whose process went away (a session's end) resumes from its last checkpoint when the suite
+is started again.
 
 Each run's results.json is copied to benchmarks/results/<suite>/, the summary to
 benchmarks/results/<suite>.{md,json}.
@@ -64,9 +72,14 @@ ONLINE = {
     "tf-ewc": ["strategy=lora+tf-ewc"],
     "tf-lora": [],  # configs/online-tf-lora.yaml as it is
 }
-#: standard-cl in online mode, capped for 2 CPU cores: 100 training examples per task, every task
-#: scored every 50 examples on 50 test items, the config's four probes at the hidden boundaries.
-ONLINE_CL = ["stream={name: standard-cl, order: 1, max_train: 100, max_test: 50}", "online.eval_every=50",
+#: `numbers` in online mode: each batch trained 3 times (one pass of 1 step per batch left SmolLM2 at
+#: chance on the first rule after its 400 examples), every task scored every 200 examples.
+ONLINE_NUMBERS = ["online.passes=3", "online.eval_every=200"]
+#: standard-cl in online mode, capped for 2 CPU cores: 100 training examples per task (each batch
+#: trained 3 times), every task scored every 50 examples on 50 test items, the config's four probes
+#: at the hidden boundaries.
+ONLINE_CL = ["stream={name: standard-cl, order: 1, max_train: 100, max_test: 50}", "online.passes=3",
+             "online.eval_every=50",
              "eval.probe=[arc-easy,piqa,hellaswag,mmlu]"]
 SUITES["online"] = [f"online-{m}" for m in ONLINE] + [f"online-cl-{m}" for m in ONLINE]
 #: Every privacy run scores the probe on 50 seeded items per suite and runs the membership check.
@@ -98,7 +111,7 @@ def command(name: str) -> tuple[str, list[str]]:
         cl = name.startswith("online-cl-")
         method = name[len("online-cl-" if cl else "online-"):]
         config = "online-tf-lora" if method == "tf-lora" else "online-mir"
-        return config, [*ONLINE[method], *(ONLINE_CL if cl else []), f"name={name}"]
+        return config, [*ONLINE[method], *(ONLINE_CL if cl else ONLINE_NUMBERS), f"name={name}"]
     return name, []
 
 
@@ -203,12 +216,17 @@ def main() -> None:
             if kept.is_file():
                 results[name] = load_results(kept)
             continue
-        # One process per run, exactly as a user runs it, so peak memory is the run's own.
+        # One process per run, exactly as a user runs it, so peak memory is the run's own; a run
+        # whose process went away resumes from its last checkpoint.
         start = time.perf_counter()
         config, overrides = command(name)
-        subprocess.run([str(Path(sys.executable).parent / "retain"), "run", str(ROOT / "configs" / f"{config}.yaml"),
-                        *overrides, f"output_dir={args.out}", "--overwrite", "--quiet"], check=True,
-                       stdout=subprocess.DEVNULL)
+        retain, run_dir = str(Path(sys.executable).parent / "retain"), Path(args.out) / name
+        if (run_dir / "checkpoints" / "state.json").is_file() and not (run_dir / "results.json").is_file():
+            cmd = [retain, "run", "--resume", str(run_dir), "--quiet"]
+        else:
+            cmd = [retain, "run", str(ROOT / "configs" / f"{config}.yaml"), *overrides, f"output_dir={args.out}",
+                   "--overwrite", "--quiet"]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         results[name] = load_results(Path(args.out) / name)
         print(f"{name}: {results[name]['metrics']} in {time.perf_counter() - start:.0f}s", flush=True)
         atomic_write_json(RESULTS / folder / f"{name}.json", results[name])

@@ -123,6 +123,9 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(default=50, ge=0, description="steps between checkpoints inside a task "
                                   "(weights, optimizer, RNG and data position; a kill loses at most this many "
                                   "steps); 0: at task ends only")
+    group_by_length: bool = Field(default=False, description="batches of examples of similar token length "
+                                  "(each epoch still visits every example once): less padding, more tokens/s "
+                                  "when lengths vary")
 
 
 class HarnessConfig(_Strict):
@@ -330,6 +333,12 @@ class RunConfig(BaseModel):
             clash = sorted(set(names) & set(self.eval.probe_names()))
             if clash:
                 raise ValueError(f"task '{clash[0]}' has the name of a probe this run scores; rename the task")
+        if self.train.group_by_length and self.online is not None:
+            raise ValueError("train.group_by_length: online mode trains the stream in its arrival order, "
+                             "which grouping by length would change; drop one of the two")
+        if self.train.group_by_length and self.privacy is not None:
+            raise ValueError("train.group_by_length: DP-SGD draws each batch by Poisson sampling (its privacy "
+                             "accounting assumes it), so batches cannot be grouped by length; drop one of the two")
         from retain.strategies import option_models, parse_strategy
 
         parse_strategy(self.strategy)  # raises ValueError naming valid strategies

@@ -34,7 +34,7 @@ from retain import checkpoint
 from retain.analysis import UpdateTracker
 from retain.config import RunConfig, read_yaml, validate_config
 from retain.errors import RetainError
-from retain.batching import batch_stream, collate
+from retain.batching import batch_stream, collate, token_lengths
 from retain.evaluation.scoring import evaluate_task, work_units
 from retain.evaluation.uncertainty import item_record
 from retain.io import atomic_write_text
@@ -172,7 +172,8 @@ class Run:
         elif plan is not None:
             source = poisson_batches(items, plan.sample_rate, steps, seed)
         else:
-            source = batch_stream(items, cfg.batch_size, rng)
+            lengths = token_lengths(ctx.tokenizer, items, cfg.max_length) if cfg.group_by_length else None
+            source = batch_stream(items, cfg.batch_size, rng, lengths)
         batches = stack.batches(ctx, hook_tasks, source)
         ctx.model.train()
         every = cfg.checkpoint_every if stack.resumes_mid_phase else 0

@@ -24,8 +24,10 @@ from retain.models import load_model
 from retain.ui import UI
 
 
-def plain_loop(model, tokenizer, items, steps: int, batch_size: int, lr: float) -> tuple[int, float]:
-    """The loop a user would write by hand: tokenize, pad, mask the prompt, AdamW."""
+def plain_loop(model, tokenizer, items, steps: int, batch_size: int, lr: float,
+               max_length: int | None = None) -> tuple[int, float]:
+    """The loop a user would write by hand: tokenize, pad, mask the prompt, AdamW; a sequence
+    over ``max_length`` loses the start of its prompt."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
     model.train()
@@ -36,6 +38,8 @@ def plain_loop(model, tokenizer, items, steps: int, batch_size: int, lr: float) 
         for it in batch:
             p = tokenizer(it.prompt)["input_ids"]
             t = tokenizer(it.target + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+            if max_length is not None and len(p) + len(t) > max_length:
+                p = p[len(p) + len(t) - max_length:]
             seqs.append((p + t, len(p)))
         width = max(len(s) for s, _ in seqs)
         ids = torch.full((len(seqs), width), tokenizer.pad_token_id)

@@ -60,6 +60,21 @@ def _matrix_table(results: dict) -> Table:
     return table
 
 
+RAY_HELP = ("Train the runs (seeds, a study's arms) at once as Ray tasks: auto (this machine's cluster), "
+            "HOST:PORT of a head node, ray://HOST:PORT, or local (a Ray for this command). Each resumes from its "
+            "checkpoint; run directories must be on storage every node sees. Needs retain[ray].")
+
+
+def _ray_options(address: str | None, cpus: float, gpus: float):
+    if address is None:
+        if cpus != 1 or gpus:
+            raise RetainError("--cpus-per-run / --gpus-per-run apply to runs dispatched with --ray ADDRESS")
+        return None
+    from retain.dispatch import RayOptions
+
+    return RayOptions(address, cpus, gpus)
+
+
 @app.command()
 def run(
     config: Optional[Path] = typer.Argument(None, help="YAML run config (see configs/)."),
@@ -70,6 +85,11 @@ def run(
                                         "under the run directory and aggregate.json with mean, std and "
                                         "95% intervals over seeds and items (the config's `seeds:`)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or per-task lines."),
+    ray: Optional[str] = typer.Option(None, "--ray", help=RAY_HELP),
+    cpus_per_run: float = typer.Option(1, "--cpus-per-run", min=0.01,
+                                       help="CPUs each dispatched run asks of its node."),
+    gpus_per_run: float = typer.Option(0, "--gpus-per-run", min=0,
+                                       help="GPUs each dispatched run asks of its node."),
 ) -> None:
     """Train the stream, score every task after each one, write runs/<name>/ with results and report."""
     from retain.config import load_config
@@ -87,8 +107,13 @@ def run(
         extra = [f"seeds=[{seeds}]"] if seeds is not None else []
         cfg = load_config(config, (overrides or []) + extra)
         run_dir = run_dir_for(cfg)
+    options = _ray_options(ray, cpus_per_run, gpus_per_run)
+    if options is not None and not cfg.seeds:
+        raise RetainError("--ray dispatches the seeds of a multi-seed run (--seeds 0,1,2 or `seeds:`) or the arms "
+                          "of a study (retain study --ray); a single run trains here")
     if cfg.seeds:
-        agg = run_seeds(cfg, run_dir=run_dir, resume=resume is not None, quiet=quiet, overwrite=overwrite)
+        agg = run_seeds(cfg, run_dir=run_dir, resume=resume is not None, quiet=quiet, overwrite=overwrite,
+                        ray=options)
         out.print((run_dir / "report.md").read_text(encoding="utf-8"), markup=False, highlight=False)
         out.print(f"report: {run_dir / 'report.md'}  (aggregate.json; one run per seed in "
                   f"{', '.join(agg['runs'])})")
@@ -149,11 +174,17 @@ def study(
     export: Optional[Path] = typer.Option(None, "--export", help="Also copy the report, its plot and each "
                                           "arm's results.json (as ARM.json) into this folder, to commit or "
                                           "share without checkpoints and weights."),
+    ray: Optional[str] = typer.Option(None, "--ray", help=RAY_HELP),
+    cpus_per_run: float = typer.Option(1, "--cpus-per-run", min=0.01,
+                                       help="CPUs each dispatched arm asks of its node."),
+    gpus_per_run: float = typer.Option(0, "--gpus-per-run", min=0,
+                                       help="GPUs each dispatched arm asks of its node."),
 ) -> None:
     """Run every unfinished arm of a study (a killed one resumes), then write study.md side by side."""
     from retain.study import run_study
 
-    path = run_study(config, quiet=quiet, overrides=overrides or [], name=name, export=export)
+    path = run_study(config, quiet=quiet, overrides=overrides or [], name=name, export=export,
+                     ray=_ray_options(ray, cpus_per_run, gpus_per_run))
     out.print(path.read_text(encoding="utf-8").split("![study]")[0], markup=False, highlight=False)
     out.print(f"study report: {path}  (also study.png)" + (f"; copy with each arm's results in {export}" if export else ""))
 

@@ -78,13 +78,11 @@ def aggregate_markdown(agg: dict[str, Any]) -> str:
         "seed), so it holds both the training noise and the test sample's.", ""])
 
 
-def run_seeds(config: RunConfig, *, run_dir: Path | None = None, resume: bool = False, quiet: bool = False,
-              overwrite: bool = False) -> dict[str, Any]:
-    """Every seed of ``config.seeds`` (unfinished ones only when resuming), then the aggregate."""
-    from retain.loop import check_run, execute, run_dir_for
-    from retain.reporting import load_results
+def prepare_seeds(config: RunConfig, run_dir: Path, *, resume: bool = False, overwrite: bool = False) -> list:
+    """Check the config, make the multi-seed folder (emptied unless resuming) and return one job per seed."""
+    from retain.dispatch import Job
+    from retain.loop import check_run
 
-    run_dir = Path(run_dir) if run_dir else run_dir_for(config)
     if not resume and run_dir.exists() and any(run_dir.iterdir()):
         if not overwrite:
             raise RetainError(f"run directory {run_dir} already exists; resume it with `retain run --resume "
@@ -94,15 +92,35 @@ def run_seeds(config: RunConfig, *, run_dir: Path | None = None, resume: bool = 
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config.resolved(), sort_keys=False))
+    return [Job(seed_config(config, run_dir, seed), seed_dir(run_dir, seed)) for seed in config.seeds]
+
+
+def run_seeds(config: RunConfig, *, run_dir: Path | None = None, resume: bool = False, quiet: bool = False,
+              overwrite: bool = False, ray=None) -> dict[str, Any]:
+    """Every seed of ``config.seeds`` (unfinished ones only when resuming), then the aggregate.
+    With ``ray`` (``dispatch.RayOptions``) the unfinished seeds train at once as Ray tasks."""
+    from retain.loop import execute, run_dir_for
+    from retain.reporting import load_results
+
+    run_dir = Path(run_dir) if run_dir else run_dir_for(config)
+    if ray is not None:
+        from retain.dispatch import announce, connected, dispatch
+        from retain.ui import UI
+
+        with connected(ray):
+            jobs = prepare_seeds(config, run_dir, resume=resume, overwrite=overwrite)
+            records = dispatch(jobs, ray, announce(UI(quiet=quiet), jobs, ray))
+        if records:  # which node trained which seed, and whether it resumed
+            atomic_write_json(run_dir / "dispatch.json", records)
+    else:
+        jobs = prepare_seeds(config, run_dir, resume=resume, overwrite=overwrite)
     runs = []
-    for seed in config.seeds:
-        folder = seed_dir(run_dir, seed)
-        if (folder / "results.json").is_file():
-            runs.append(load_results(folder))
+    for job in jobs:
+        if (job.run_dir / "results.json").is_file():
+            runs.append(load_results(job.run_dir))
             continue
-        again = (folder / "checkpoints" / "state.json").is_file()
-        runs.append(execute(seed_config(config, run_dir, seed), run_dir=folder, resume=again, quiet=quiet,
-                            overwrite=not again))
+        again = (job.run_dir / "checkpoints" / "state.json").is_file()
+        runs.append(execute(job.config, run_dir=job.run_dir, resume=again, quiet=quiet, overwrite=not again))
     agg = aggregate(config, runs)
     atomic_write_json(run_dir / AGGREGATE, agg)
     atomic_write_text(run_dir / "report.md", aggregate_markdown(agg))

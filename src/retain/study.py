@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from retain.config import format_errors, load_config, read_yaml
 from retain.errors import RetainError
-from retain.io import atomic_write_text
+from retain.io import atomic_write_json, atomic_write_text
 
 
 class Arm(BaseModel):
@@ -81,12 +81,13 @@ def load_study(path: str | Path, overrides: list[str] | None = None,
 
 
 def run_study(path: str | Path, quiet: bool = False, overrides: list[str] | None = None,
-              name: str | None = None, export: Path | None = None) -> Path:
+              name: str | None = None, export: Path | None = None, ray=None) -> Path:
     """Run each unfinished arm (resuming a killed one), then write the study report (and
-    its exported copy, when ``export`` names a folder)."""
+    its exported copy, when ``export`` names a folder). With ``ray`` (``dispatch.RayOptions``)
+    every unfinished arm, and every seed of an arm with seeds, trains at once as a Ray task."""
     from retain.loop import execute, run_dir_for
     from retain.reporting import load_results
-    from retain.seeds import run_seeds, seed_dir
+    from retain.seeds import prepare_seeds, run_seeds, seed_dir
 
     study, configs = load_study(path, overrides, name)
     folder = Path(study.output_dir) / study.name
@@ -97,6 +98,21 @@ def run_study(path: str | Path, quiet: bool = False, overrides: list[str] | None
             raise RetainError(f"--export {export}: a file is there; name a folder (new or existing)")
     for cfg in configs:  # before any arm runs: a mismatch found late would leave the study half-done
         check_arm_folder(run_dir_for(cfg), cfg)
+    if ray is not None:
+        from retain.dispatch import Job, announce, connected, dispatch
+        from retain.loop import check_run
+        from retain.ui import UI
+
+        for cfg in configs:
+            check_run(cfg)
+        with connected(ray):
+            jobs = []
+            for cfg in configs:
+                run_dir = run_dir_for(cfg)
+                jobs += prepare_seeds(cfg, run_dir, resume=run_dir.exists()) if cfg.seeds else [Job(cfg, run_dir)]
+            records = dispatch(jobs, ray, announce(UI(quiet=quiet), jobs, ray))  # the loop below reads the results
+        if records:
+            atomic_write_json(folder / "dispatch.json", records)
     results, run_dirs = [], []
     for cfg in configs:
         run_dir = run_dir_for(cfg)

@@ -99,3 +99,17 @@ def run_figures(results: dict) -> dict:
         "losses": [(t["loss_first"], t["loss_last"], t["tokens"]) for t in results["timings"]],
         "stats": untimed(results["strategy_stats"]), "updates": untimed(results["updates"]),
     }
+
+
+def die_at(monkeypatch, target, attr: str, call: int, exc: type[BaseException] = KeyboardInterrupt) -> None:
+    """Make ``target.attr`` raise ``exc`` on its ``call``-th call (a kill at a chosen step);
+    ``monkeypatch.undo()`` restores it."""
+    real, calls = getattr(target, attr), []
+
+    def dying(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise exc()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(target, attr, dying)

@@ -9,7 +9,7 @@ import yaml
 
 import retain.loop as loop
 from retain.errors import RetainError
-from tests.conftest import run_figures
+from tests.conftest import die_at, run_figures
 
 pytestmark = pytest.mark.xdist_group("distributed")
 
@@ -39,15 +39,7 @@ def test_arms_and_seeds_train_at_once_on_two_nodes_and_a_killed_arm_resumes(tiny
     study = _study(tiny_config, tmp_path)
     run_study(study, quiet=True, name="here")  # the reference: every arm in this process, in turn
     # Arm a killed here inside its second task: the cluster must resume it, not start it over.
-    real, calls = loop.Run.gradient_step, []
-
-    def dying(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 7:
-            raise Killed()
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(loop.Run, "gradient_step", dying)
+    die_at(monkeypatch, loop.Run, "gradient_step", 7, Killed)
     with pytest.raises(Killed):
         run_study(study, quiet=True)
     monkeypatch.undo()

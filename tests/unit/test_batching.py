@@ -90,19 +90,11 @@ def test_grouping_is_refused_where_the_batch_order_is_not_retains(tiny_config, e
 def test_a_grouped_run_killed_inside_a_task_resumes_exactly(tiny_config, tmp_path, monkeypatch):
     import retain.loop as loop
     from retain.loop import execute
-    from tests.conftest import run_figures
+    from tests.conftest import die_at, run_figures
 
     over = dict(strategy="lora", train__group_by_length=True, train__max_steps=4, train__checkpoint_every=2)
     full = execute(load_config(tiny_config("full", **over)), quiet=True)
-    real, calls = loop.Run.gradient_step, []
-
-    def dying(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 7:  # inside task two, after its step-2 checkpoint
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(loop.Run, "gradient_step", dying)
+    die_at(monkeypatch, loop.Run, "gradient_step", 7)  # inside task two, after its step-2 checkpoint
     with pytest.raises(KeyboardInterrupt):
         execute(load_config(tiny_config("killed", **over)), quiet=True)
     monkeypatch.undo()

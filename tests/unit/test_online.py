@@ -111,16 +111,9 @@ def test_strategies_that_need_boundaries_are_refused(tiny_config, strategy, frag
 def killed_at_sixth_step(tiny_config, tmp_path, monkeypatch, over: dict, at: int = 6):
     """An online run killed at its sixth (or ``at``-th) gradient step: its folder and the checkpoint it left."""
     import retain.loop as loop
+    from tests.conftest import die_at
 
-    real, calls = loop.Run.gradient_step, []
-
-    def dying(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == at:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(loop.Run, "gradient_step", dying)
+    die_at(monkeypatch, loop.Run, "gradient_step", at)
     with pytest.raises(KeyboardInterrupt):
         execute(online_config(tiny_config, "killed", **over), quiet=True)
     monkeypatch.undo()
@@ -186,7 +179,7 @@ def test_mir_retrieves_the_candidates_a_virtual_step_hurts_most(tiny_config):
 
 
 def test_plateau_detector_finds_plateaus_and_the_shift_between_them():
-    from retain.strategies.tf_ewc import PlateauDetector
+    from retain.strategies._plateau import PlateauDetector
 
     losses = [5.0, 4.0, 3.0, 2.0, 1.0, 1.0, 1.02, 0.98, 1.0, 4.0, 4.2, 4.1, 3.0, 2.0, 1.0, 0.5, 0.5, 0.52, 0.5, 0.5]
     detector = PlateauDetector(window=4, plateau_cv=0.1, peak_ratio=1.5)
@@ -242,9 +235,9 @@ def test_tf_lora_opens_an_adapter_at_each_shift_and_freezes_the_one_before(tiny_
     snapshots: dict[int, dict] = {}
     real = tfl.TaskFreeLora.observe
 
-    def watching(self, ctx):
+    def watching(self, ctx, events):
         before = self.active
-        real(self, ctx)
+        real(self, ctx, events)
         if self.active != before:  # the adapter that just closed, as it was at the shift
             snapshots[before] = lora_weights(ctx.model, tfl.segment(before))
 

@@ -1,7 +1,7 @@
 """Task-free LoRA expansion: a new LoRA adapter wherever the training loss says the data shifted.
 
-Nobody says when a task ends. The same plateau/peak detector as ``tf-ewc`` watches the step
-losses; at each detected shift the adapter that was training is frozen and the next one
+Nobody says when a task ends. The plateau/peak detector of ``tf-ewc`` (``_plateau``) watches
+the step losses; at each detected shift the adapter that was training is frozen and the next one
 starts (fresh: LoRA's B is zero, so it starts from the base model). Each adapter keeps the
 centroid of the inputs it trained on (the frozen base model's mean-pooled hidden states,
 as ``lora-per-task``'s router), and at inference each input is answered by the adapter of
@@ -28,8 +28,8 @@ from retain.embeddings import ModelWrapper, embed_texts, pooled_query
 from retain.io import atomic_write_json
 from retain.streams.task import Item
 from retain.strategies._lora import LoraOptions, save_adapter, wrap_with_lora
+from retain.strategies._plateau import LossWatch
 from retain.strategies.base import Context, Strategy, register
-from retain.strategies.tf_ewc import PlateauDetector
 
 #: PEFT's name for "no adapter" in a mixed batch.
 BASE = "__base__"
@@ -121,10 +121,8 @@ class TaskFreeLora(Strategy):
     def __init__(self, options: TaskFreeLoraOptions | None = None) -> None:
         super().__init__(options)
         o = self.options
-        self.detector = PlateauDetector(o.window, o.plateau_cv, o.peak_ratio)
+        self.watch = LossWatch(o.window, o.plateau_cv, o.peak_ratio)
         self.active = 0
-        self.pending: list[float] = []  # losses of steps done, read before the next batch
-        self.steps = 0
         self.shifts: list[int] = []
         self.opened: list[int] = [0]  # the step after which each adapter began
         self.router: SegmentRouter | None = None
@@ -148,25 +146,19 @@ class TaskFreeLora(Strategy):
         return [p for n, p in self._peft(ctx).named_parameters() if ".lora_" in n]
 
     def batches(self, ctx: Context, tasks, batches: Iterator[list[Item]]) -> Iterator[list[Item]]:
-        last = None
-        for batch in batches:
-            self.observe(ctx)
-            if batch is not last:
-                self.accumulate(ctx, batch)
-            last = batch
-            yield batch
+        return self.watch.watched(batches, lambda events: self.observe(ctx, events),
+                                  lambda batch: self.accumulate(ctx, batch))
 
-    def observe(self, ctx: Context) -> None:
-        """Feed the losses of the steps done to the detector; open the next adapter at a shift."""
-        for loss in self.pending:
-            self.steps += 1
-            if "shift" in self.detector.update(loss):
-                self.shifts.append(self.steps)
-                if self.active + 1 < self.options.max_adapters:
-                    self.active += 1
-                    self.opened.append(self.steps)
-                    self._peft(ctx).set_adapter(segment(self.active))
-        self.pending = []
+    def observe(self, ctx: Context, events: list[tuple[int, str]]) -> None:
+        """Open the next adapter at a shift."""
+        for step, event in events:
+            if event != "shift":
+                continue
+            self.shifts.append(step)
+            if self.active + 1 < self.options.max_adapters:
+                self.active += 1
+                self.opened.append(step)
+                self._peft(ctx).set_adapter(segment(self.active))
 
     def accumulate(self, ctx: Context, batch: list[Item]) -> None:
         """Add the batch's inputs to the training adapter's centroid, up to ``centroid_samples``."""
@@ -188,12 +180,11 @@ class TaskFreeLora(Strategy):
         return ctx.accelerator.unwrap_model(ctx.model)
 
     def extra_loss(self, ctx: Context, batch, outputs, items):
-        if getattr(outputs, "loss", None) is not None:
-            self.pending.append(float(outputs.loss.detach()))
+        self.watch.record(outputs)
         return None
 
     def after_task(self, ctx: Context, tasks) -> None:
-        self.observe(ctx)
+        self.observe(ctx, self.watch.drain())
         if ctx.run_dir is not None:
             self.save(ctx, ctx.run_dir / "adapters")
 
@@ -216,13 +207,12 @@ class TaskFreeLora(Strategy):
     # -- checkpoints ----------------------------------------------------------------------
     def _json(self) -> dict:
         router = self.router
-        return {"detector": self.detector.state(), "active": self.active, "pending": list(self.pending),
-                "steps": self.steps, "shifts": list(self.shifts), "opened": list(self.opened),
+        return {**self.watch.state(), "active": self.active, "shifts": list(self.shifts), "opened": list(self.opened),
                 "counts": list(router.counts) if router is not None else []}
 
     def _load_json(self, ctx: Context, state: dict) -> None:
-        self.detector.load(state["detector"])
-        self.active, self.pending, self.steps = state["active"], list(state["pending"]), state["steps"]
+        self.watch.load(state)
+        self.active = state["active"]
         self.shifts, self.opened = list(state["shifts"]), list(state["opened"])
         self._router(ctx).counts = list(state["counts"])
         self._peft(ctx).set_adapter(segment(self.active))

@@ -123,6 +123,9 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(default=50, ge=0, description="steps between checkpoints inside a task "
                                   "(weights, optimizer, RNG and data position; a kill loses at most this many "
                                   "steps); 0: at task ends only")
+    gradient_checkpointing: bool = Field(default=False, description="recompute each layer's activations in the "
+                                         "backward pass instead of keeping them: less memory per step for longer "
+                                         "sequences or larger batches, at more compute per step")
     group_by_length: bool = Field(default=False, description="batches of examples of similar token length "
                                   "(each epoch still visits every example once): less padding, more tokens/s "
                                   "when lengths vary")

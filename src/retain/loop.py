@@ -386,6 +386,9 @@ def check_run(config: RunConfig) -> tuple[Stream, StrategyStack]:
         from retain import federated
 
         federated.check(config, stream, stack)
+    if config.train.gradient_checkpointing and (stack.takes_over_step or stack.takes_over_phase):
+        raise RetainError(f"train.gradient_checkpointing: strategy '{stack.name}' replaces the loop's training "
+                          "step, which this setting acts on; drop it")
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     if processes > 1:
         # Until runs are data-parallel, N launched processes would each train the whole
@@ -439,6 +442,9 @@ def prepare(config: RunConfig, ui: UI, project_dir: Path | None = None) -> tuple
         from retain.models.quantization import prepare_for_training
 
         model = prepare_for_training(model)
+    if config.train.gradient_checkpointing:
+        # Non-reentrant: works with a frozen base (LoRA), where the reentrant form sees no input needing grad.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     cpu = config.train.device == "cpu" or not torch.cuda.is_available()
     # Trackers (config.trackers) log through the Accelerator; only a run directory has them.
     trackers = config.trackers if project_dir is not None else []

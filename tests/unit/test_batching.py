@@ -101,3 +101,29 @@ def test_a_grouped_run_killed_inside_a_task_resumes_exactly(tiny_config, tmp_pat
     run_dir = tmp_path / "runs" / "killed"
     resumed = execute(loop.load_run_config(run_dir), run_dir=run_dir, resume=True, quiet=True)
     assert run_figures(resumed) == run_figures(full)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_config):
+    from retain.loop import prepare
+    from retain.ui import UI
+
+    grads = {}
+    for on in (False, True):
+        cfg = load_config(tiny_config(f"gc{on}", strategy="lora", lora={"r": 4, "dropout": 0.0},
+                                      train__gradient_checkpointing=on))
+        ctx, _ = prepare(cfg, UI(quiet=True))
+        hf = next(m for m in ctx.model.modules() if hasattr(m, "is_gradient_checkpointing"))
+        assert hf.is_gradient_checkpointing == on
+        items = ctx.stream.tasks[0].items(ctx.tokenizer)[:4]
+        ctx.model.train()
+        ctx.model(**collate(ctx.tokenizer, items, 64)).loss.backward()
+        grads[on] = {n: p.grad.clone() for n, p in ctx.model.named_parameters() if p.grad is not None}
+    assert grads[True].keys() == grads[False].keys() and grads[True]
+    assert all(torch.allclose(grads[True][n], grads[False][n], atol=1e-6) for n in grads[True])
+
+
+def test_gradient_checkpointing_is_refused_where_the_loop_does_not_step(tiny_config):
+    from retain.loop import check_run
+
+    with pytest.raises(RetainError, match="train.gradient_checkpointing: strategy 'es' replaces the loop's training step"):
+        check_run(load_config(tiny_config("es", strategy="es", train__gradient_checkpointing=True)))

@@ -15,6 +15,7 @@ command on this machine.
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,6 +82,9 @@ def connected(options: RayOptions) -> Iterator[None]:
     the cluster's nodes before any run is prepared; shut down after, if started here."""
     ray = _require_ray()
     started = not ray.is_initialized()
+    # ray.init records the cluster in RAY_ADDRESS; a later Ray in this process (a Flower
+    # simulation) must not find the address of one shut down here.
+    before = os.environ.get("RAY_ADDRESS")
     if started:
         # The workers import retain from the driver's environment (a cluster's nodes need it installed).
         env = {"env_vars": {"OMP_NUM_THREADS": str(max(int(options.cpus), 1))}}
@@ -94,6 +98,10 @@ def connected(options: RayOptions) -> Iterator[None]:
     finally:
         if started:
             ray.shutdown()
+            if before is None:
+                os.environ.pop("RAY_ADDRESS", None)
+            else:
+                os.environ["RAY_ADDRESS"] = before
 
 
 def dispatch(jobs: list[Job], options: RayOptions,

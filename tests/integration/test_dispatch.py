@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import yaml
@@ -53,6 +54,7 @@ def test_arms_and_seeds_train_at_once_on_two_nodes_and_a_killed_arm_resumes(tiny
     finally:
         ray.shutdown()
         cluster.shutdown()
+        os.environ.pop("RAY_ADDRESS", None)  # the cluster is gone; later Rays in this process start their own
     records = {r["run"].split("/out/s/")[1]: r for r in json.loads((out / "s" / "dispatch.json").read_text())}
     assert sorted(records) == ["a", "b/seed-0", "b/seed-1"]
     assert records["a"]["resumed"] and not records["b/seed-0"]["resumed"]

@@ -89,7 +89,8 @@ def connected(options: RayOptions) -> Iterator[None]:
         # The workers import retain from the driver's environment (a cluster's nodes need it installed).
         env = {"env_vars": {"OMP_NUM_THREADS": str(max(int(options.cpus), 1))}}
         if options.address == "local":
-            ray.init(runtime_env=env, include_dashboard=False, log_to_driver=False)
+            # address "local" starts one; None would join any cluster this machine last recorded.
+            ray.init(address="local", runtime_env=env, include_dashboard=False, log_to_driver=False)
         else:
             ray.init(address=options.address, runtime_env=env, log_to_driver=False)
     try:

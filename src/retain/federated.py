@@ -39,7 +39,9 @@ EXTRA = "pip install 'retain[federated]'"
 #: state is JSON (it travels in the messages).
 CLIENT_STRATEGIES = {"lora": "owner", "replay": "companion"}
 #: Fault drill: ``client:phase:round`` (e.g. ``1:2:1``: client 1, counted from 0 as in results.json, fails
-#: in round 1 of phase 2) - to see that a client lost mid-round leaves the global adapter intact.
+#: in round 1 of phase 2) - to see that a client lost mid-round leaves the global adapter intact. Read
+#: where the server runs and sent to the clients in each round's message: a client's process (a Ray
+#: worker of a cluster started earlier, a SuperNode elsewhere) need not share the server's environment.
 DROP_ENV = "RETAIN_FEDERATED_DROP"
 
 
@@ -123,10 +125,11 @@ def _client(config_text: str, client: int):
 
 
 def train_client(config_text: str, client: int, phase: int, round_: int, weights: dict[str, torch.Tensor],
-                 state: dict[str, Any], mu: float, score: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+                 state: dict[str, Any], mu: float, score: bool,
+                 drop: str = "") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """One round on one client: load the global adapter and the client's strategy state, train
-    ``local_steps`` steps on its shard of the phase's task, return its adapter and what it reports."""
-    drop = os.environ.get(DROP_ENV, "")
+    ``local_steps`` steps on its shard of the phase's task, return its adapter and what it reports.
+    ``drop`` is the server's fault drill (``DROP_ENV``)."""
     if drop and drop == f"{client}:{phase + 1}:{round_}":
         raise RuntimeError(f"client {client} dropped in round {round_} of phase {phase + 1} ({DROP_ENV})")
     from retain.evaluation.scoring import evaluate_task
@@ -180,7 +183,7 @@ def client_app():
         states = json.loads(cfg["states"])
         new, report = train_client(cfg["run-config"], client, int(cfg["phase"]), int(cfg["server-round"]), weights,
                                    states.get(str(client), {}), float(cfg.get("proximal-mu", 0.0)),
-                                   bool(cfg["score"]))
+                                   bool(cfg["score"]), drop=str(cfg.get("drop", "")))
         # Client-level DP averages uniformly (an example-weighted mean would reveal the clients' sizes).
         metrics = MetricRecord({"num-examples": 1 if federated.get("dp") else report["examples"],
                                 "examples": report["examples"], "client": client,
@@ -250,6 +253,7 @@ def serve_rounds(grid, config_text: str, phase: int, initial: dict[str, torch.Te
         def configure_train(self, server_round, arrays, config, grid):
             config["states"] = json.dumps(states)
             config["score"] = server_round == f.rounds
+            config["drop"] = os.environ.get(DROP_ENV, "")
             return super().configure_train(server_round, arrays, config, grid)
 
     strategy = Rounds(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=f.clients,
@@ -279,8 +283,11 @@ def simulate(config_text: str, phase: int, initial: dict[str, torch.Tensor], sta
     def main(grid, context) -> None:
         result.update(serve_rounds(grid, config_text, phase, initial, states))
 
+    # address "local": a Ray of the simulation's own. Without it ray.init joins whatever cluster
+    # this machine last recorded (/tmp/ray/ray_current_cluster), whose workers lack this
+    # process's environment and may be shutting down.
     run_simulation(server_app=server, client_app=client_app(), num_supernodes=clients,
-                   backend_config={"client_resources": {"num_cpus": 1}})
+                   backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"address": "local"}})
     return result
 
 

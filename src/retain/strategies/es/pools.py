@@ -148,7 +148,8 @@ class RayPool:
                  address: str | None = None) -> None:
         ray = _require_ray()
         if not ray.is_initialized():
-            ray.init(address=address, include_dashboard=False, log_to_driver=False,
+            # No address: a Ray of its own ("local"), not whatever cluster this machine last recorded.
+            ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
                      **({} if address else {"num_cpus": workers}))
         self.ray = ray
         weights = ray.put({name: p.detach().cpu().clone() for name, p in params})

@@ -98,3 +98,25 @@ def test_ray_flags_are_checked_on_the_command_line(tiny_config, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
                         if name == "ray" else real(name, *a, **k))
     assert "pip install 'retain[ray]'" in refused("run", config, "--seeds", "0,1", "--ray", "local")
+
+
+def test_ray_local_starts_its_own_ray_beside_a_running_cluster(monkeypatch):
+    """``--ray local`` must not join the cluster this machine last recorded (Ray's default for
+    an address of None): that cluster's workers lack this process's environment."""
+    ray = pytest.importorskip("ray", reason="Ray is optional (pip install 'retain[ray]')")
+    from ray.cluster_utils import Cluster
+
+    import retain.dispatch as dispatch
+
+    seen = []
+    monkeypatch.setattr(dispatch, "check_resources",
+                        lambda ray, cpus, gpus: seen.append(ray.get_runtime_context().gcs_address))
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    recorded = cluster.address  # (None once it is shut down)
+    try:
+        with dispatch.connected(dispatch.RayOptions("local", cpus=1)):
+            pass
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    assert recorded and seen and seen[0] != recorded

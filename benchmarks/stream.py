@@ -274,13 +274,15 @@ def seeded_suite(args) -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     retain = str(Path(sys.executable).parent / "retain")
     aggregates = {}
-    for name in (args.only.split(",") if args.only else SUITES[args.suite]):
+    only = args.only.split(",") if args.only else SUITES[args.suite]
+    # The summary keeps every run of the suite whose seeds are all kept, not only those trained now.
+    for name in SUITES[args.suite] + [n for n in only if n not in SUITES[args.suite]]:
         config, overrides = command(name)
         overrides = [*SEEDED_OVERRIDES, *overrides, f"name={name}"]
         runs = []
         for seed in seeds:
             kept = folder / name / f"seed-{seed}.json"
-            if not kept.is_file() and not args.summarize_only:
+            if not kept.is_file() and not args.summarize_only and name in only:
                 run_dir = Path(args.out) / "seeds" / name / f"seed-{seed}"
                 if (run_dir / "checkpoints" / "state.json").is_file() and not (run_dir / "results.json").is_file():
                     cmd = [retain, "run", "--resume", str(run_dir), "--quiet"]

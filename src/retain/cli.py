@@ -119,6 +119,10 @@ def run(
                   f"{', '.join(agg['runs'])})")
         return
     results = execute(cfg, run_dir=run_dir, resume=resume is not None, quiet=quiet, overwrite=overwrite)
+    from retain.parallel import main_process
+
+    if not main_process():  # a data-parallel run prints once
+        return
     out.print(_matrix_table(results))
     out.print(_metrics_table(results))
     out.print(f"report: {run_dir / 'report.md'}  (also report.html, results.json)")
@@ -274,6 +278,9 @@ def _describe_strategy(name: str) -> None:
     private = ("covered by DP-SGD" if cls.not_private == "" else
                f"refused: {cls.not_private or 'not reviewed for DP-SGD'}")
     out.print(f"task-free (online:): {'yes' if cls.task_free else 'no'}; privacy: {private}", highlight=False)
+    split = ("yes" if cls.data_parallel == "" else
+             f"refused: {cls.data_parallel or 'not checked to give the one-process result'}")
+    out.print(f"data-parallel (torchrun / accelerate launch): {split}", highlight=False)
     if cls.Options is None:
         out.print("options: none")
     else:

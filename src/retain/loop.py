@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import math
-import os
 import random
 import resource
 import shutil
@@ -30,7 +29,7 @@ import yaml
 from accelerate import Accelerator
 from transformers import get_scheduler
 
-from retain import checkpoint
+from retain import checkpoint, parallel
 from retain.analysis import UpdateTracker
 from retain.config import RunConfig, read_yaml, validate_config
 from retain.errors import RetainError
@@ -88,7 +87,7 @@ class Run:
         route = route or (lambda task: stack.route(ctx, task))
         stream, cfg = ctx.stream, self.config.eval
         tasks = stream.tasks + (stream.probes if probes else [])
-        total = sum(work_units(t, len(t.test)) for t in tasks)
+        total = sum(work_units(t, len(t.test), ctx.processes) for t in tasks)
         scores: list[float] = []
         probes: list[float] = []
         details: dict[str, Any] = {}
@@ -98,7 +97,8 @@ class Run:
                 is_probe = any(task is p for p in stream.probes)
                 with route(None if is_probe else task.name):
                     result = evaluate_task(ctx.model, ctx.tokenizer, task, batch_size=cfg.batch_size,
-                                           max_new_tokens=cfg.max_new_tokens, advance=advance)
+                                           max_new_tokens=cfg.max_new_tokens, advance=advance,
+                                           processes=ctx.processes)
                 details[task.name] = {"value": result.value, "n": result.n, "stderr": result.stderr,
                                       **result.scores}
                 if result.items is not None:
@@ -221,8 +221,9 @@ class Run:
                     progress.seconds = time.perf_counter() - start
                     progress.strategy = stack.phase_state()
                     self.state.wall_s = self.wall_s()
-                    checkpoint.save_progress(self.run_dir, self.state, progress,
-                                             ctx.accelerator.unwrap_model(ctx.model), keys, optimizer, scheduler)
+                    if ctx.run_dir is not None:
+                        checkpoint.save_progress(self.run_dir, self.state, progress,
+                                                 ctx.accelerator.unwrap_model(ctx.model), keys, optimizer, scheduler)
 
             # A strategy may train the phase itself (TRL's GRPO trainer) or replace each
             # gradient step (evolution strategies); otherwise: loss, backward, clip, step.
@@ -289,7 +290,9 @@ class Run:
     def gradient_step(self, ctx: Context, stack: StrategyStack, items: list, params: list, optimizer,
                       scheduler) -> tuple[float, int]:
         """One optimizer step on a batch; returns the loss and the batch's token count."""
-        cfg = self.config.train
+        cfg, processes = self.config.train, ctx.processes
+        if processes.count > 1:
+            return self.shared_gradient_step(ctx, stack, items, params, optimizer, scheduler)
         batch = collate(ctx.tokenizer, items, cfg.max_length)
         batch = {k: v.to(ctx.accelerator.device) for k, v in batch.items()}
         with ctx.accelerator.autocast():
@@ -301,12 +304,49 @@ class Run:
             if extra is not None:
                 loss = loss + extra
         ctx.accelerator.backward(loss)
-        if cfg.max_grad_norm:
-            ctx.accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+        self.optimizer_step(ctx, params, optimizer, scheduler)
+        return loss.item(), int(batch["attention_mask"].sum())
+
+    def optimizer_step(self, ctx: Context, params: list, optimizer, scheduler) -> None:
+        if self.config.train.max_grad_norm:
+            ctx.accelerator.clip_grad_norm_(params, self.config.train.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        return loss.item(), int(batch["attention_mask"].sum())
+
+    def shared_gradient_step(self, ctx: Context, stack: StrategyStack, items: list, params: list, optimizer,
+                             scheduler) -> tuple[float, int]:
+        """The step of a data-parallel run: this process's share of the global batch, its
+        token losses divided by the global count of target tokens, the gradients summed over
+        processes, so the update is the one-process update on the whole batch. A strategy's
+        extra loss (only weight penalties are allowed here, see ``data_parallel``) is the same
+        on every process and enters as 1/N of itself per process."""
+        processes = ctx.processes
+        share = processes.share(items)
+        loss = outputs = batch = None
+        targets = tokens = 0
+        if share:
+            batch = collate(ctx.tokenizer, share, self.config.train.max_length)
+            batch = {k: v.to(ctx.accelerator.device) for k, v in batch.items()}
+            # The loss function shifts labels by one: the targets are labels[:, 1:].
+            targets = int((batch["labels"][:, 1:] != -100).sum())
+            tokens = int(batch["attention_mask"].sum())
+        global_targets = processes.sum(targets)
+        with ctx.accelerator.autocast():
+            if batch is not None:
+                # transformers' loss divides the summed token losses by num_items_in_batch.
+                outputs = ctx.model(**batch, num_items_in_batch=max(global_targets, 1))
+                loss = outputs.loss if targets else outputs.logits.sum() * 0.0
+            extra = stack.extra_loss(ctx, batch, outputs, share)
+            if extra is not None:
+                extra = extra / processes.count
+                loss = extra if loss is None else loss + extra
+        if loss is not None:
+            ctx.accelerator.backward(loss)
+        processes.sum_gradients(params)
+        self.optimizer_step(ctx, params, optimizer, scheduler)
+        value = float(processes.sum(loss.item() if loss is not None else 0.0))
+        return value, int(processes.sum(tokens))
 
     def private_step(self, ctx: Context, items: list, optimizer, scheduler, params: list,
                      losses: list[float]) -> tuple[float, int]:
@@ -355,7 +395,8 @@ class Run:
         """Between phases: the strategies' state and the trained tensors as they are now."""
         self.state.strategy = stack.state_dict()
         self.state.wall_s = self.wall_s()
-        checkpoint.save(self.run_dir, self.state, ctx.accelerator.unwrap_model(ctx.model), stack.state_tensors())
+        if ctx.run_dir is not None:  # the main process's (see Context.run_dir)
+            checkpoint.save(self.run_dir, self.state, ctx.accelerator.unwrap_model(ctx.model), stack.state_tensors())
 
 
 def check_run(config: RunConfig) -> tuple[Stream, StrategyStack]:
@@ -389,13 +430,7 @@ def check_run(config: RunConfig) -> tuple[Stream, StrategyStack]:
     if config.train.gradient_checkpointing and (stack.takes_over_step or stack.takes_over_phase):
         raise RetainError(f"train.gradient_checkpointing: strategy '{stack.name}' replaces the loop's training "
                           "step, which this setting acts on; drop it")
-    processes = int(os.environ.get("WORLD_SIZE", "1"))
-    if processes > 1:
-        # Until runs are data-parallel, N launched processes would each train the whole
-        # stream and write the same run directory at once.
-        raise RetainError(f"retain runs in one process; this one was launched as one of {processes} "
-                          "(WORLD_SIZE, from torchrun or accelerate launch), and each would train the whole "
-                          "stream and write the same run directory. Launch `retain run` directly")
+    parallel.check(config, stack, parallel.launched_processes())
     return stream, stack
 
 
@@ -448,15 +483,21 @@ def prepare(config: RunConfig, ui: UI, project_dir: Path | None = None) -> tuple
     cpu = config.train.device == "cpu" or not torch.cuda.is_available()
     # Trackers (config.trackers) log through the Accelerator; only a run directory has them.
     trackers = config.trackers if project_dir is not None else []
+    # split_batches: the loop splits each global batch itself, so the prepared scheduler steps
+    # once per optimizer step, not once per process.
     accelerator = Accelerator(cpu=cpu, mixed_precision=config.train.precision, log_with=trackers or None,
-                              project_dir=str(project_dir / "trackers") if trackers else None)
-    ctx = Context(config=config, model=model, tokenizer=tokenizer, accelerator=accelerator, stream=stream)
+                              project_dir=str(project_dir / "trackers") if trackers else None, split_batches=True)
+    processes = parallel.Processes(accelerator)
+    ctx = Context(config=config, model=model, tokenizer=tokenizer, accelerator=accelerator, stream=stream,
+                  processes=processes)
     torch.manual_seed(config.seed)
     try:
         stack.setup(ctx)
     except ValueError as exc:
         raise RetainError(f"strategy '{stack.name}': {exc}") from None
-    ctx.model = accelerator.prepare_model(ctx.model)
+    # With N processes the loop sums the gradients itself (see retain.parallel), so the model is
+    # placed and autocast as for evaluation, without a DDP wrapper.
+    ctx.model = accelerator.prepare_model(ctx.model, evaluation_mode=processes.count > 1)
     return ctx, stack
 
 
@@ -467,9 +508,11 @@ def run_dir_for(config: RunConfig) -> Path:
 def execute(config: RunConfig, *, run_dir: Path | None = None, resume: bool = False, quiet: bool = False,
             overwrite: bool = False) -> dict[str, Any]:
     """Run (or resume) a whole stream and write the run directory. Returns results.json's content."""
-    from retain.reporting import finalize
+    from retain.reporting import finalize, load_results
 
-    ui = UI(quiet)
+    # In a data-parallel run only the main process (RANK 0) prints and writes.
+    main = parallel.main_process()
+    ui = UI(quiet or not main)
     run_dir = Path(run_dir) if run_dir else run_dir_for(config)
     if not resume and run_dir.exists() and any(run_dir.iterdir()):
         if not overwrite:
@@ -480,10 +523,13 @@ def execute(config: RunConfig, *, run_dir: Path | None = None, resume: bool = Fa
     # A corrupt checkpoint is refused before the model loads.
     saved = checkpoint.load_state(run_dir) if resume else None
     ctx, stack = prepare(config, ui, project_dir=run_dir)
-    if not resume and run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ctx.run_dir = run_dir
+    # Every process has checked the directory (above) before the main one changes it.
+    ctx.processes.barrier()
+    if main:
+        if not resume and run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ctx.run_dir = run_dir
     # W0 for the update analysis: the model as set up, before a resumed run restores weights.
     tracker = UpdateTracker(ctx, config.analysis) if config.analysis.enabled else None
     run = Run(config, run_dir, ui, tracker)
@@ -495,8 +541,10 @@ def execute(config: RunConfig, *, run_dir: Path | None = None, resume: bool = Fa
         inside = f", inside phase {saved.progress.phase + 1} at step {saved.progress.step}" if saved.progress else ""
         ui.info(f"resuming {run_dir} after {saved.completed_phases} completed phase(s){inside}")
     # Written only once the checkpoint loaded: a refused resume leaves the run as it was.
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config.resolved(), sort_keys=False))
+    if main:
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config.resolved(), sort_keys=False))
     run.tracking = tracking = Tracking(ctx.accelerator, config, run_dir)
+    run.state.num_processes = ctx.processes.count
 
     def track(row: list[float], probe: float | None) -> None:
         suites = {p.name: run.details[p.name] for p in ctx.stream.probes if p.name in run.details}
@@ -554,9 +602,14 @@ def execute(config: RunConfig, *, run_dir: Path | None = None, resume: bool = Fa
     run.finish(ctx, stack)
     run.membership(ctx, stack, "final")
     state.wall_s = run.wall_s()
+    if not main:
+        # The main process writes the results; the others return what it writes.
+        ctx.processes.barrier()
+        return load_results(run_dir)
     stack.export(ctx, run_dir)
     results = finalize(run_dir, config, ctx.stream, state.to_dict())
     tracking.finish(results, sum(t["steps"] for t in state.timings))
+    ctx.processes.barrier()
     return results
 
 

@@ -67,6 +67,8 @@ class RunState:
     federated: dict[str, Any] | None = None
     #: The membership-inference check (``eval.membership``): "base" and "final" AUCs.
     membership: dict[str, Any] | None = None
+    #: Processes of the (last) process group that ran it: 1, or N in a data-parallel run.
+    num_processes: int = 1
     progress: Progress | None = None
     #: Checkpoint files this state goes with ("trained", "strategy"), by role.
     files: dict[str, str] = field(default_factory=dict)

@@ -58,7 +58,9 @@ class Tracking:
     """Feeds the run's figures to the Accelerator's trackers; does nothing without trackers."""
 
     def __init__(self, accelerator, config, run_dir: Path) -> None:
-        self.accelerator, self.names, self.run_dir = accelerator, list(config.trackers), Path(run_dir)
+        self.accelerator, self.run_dir = accelerator, Path(run_dir)
+        # Only the main process of a data-parallel run logs (Accelerate's trackers live there).
+        self.names = list(config.trackers) if accelerator.is_main_process else []
         if not self.names:
             return
         folder = self.run_dir / "trackers"

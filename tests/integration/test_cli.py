@@ -159,4 +159,7 @@ def test_list_strategy_prints_options_ranges_and_refusals():
                      "privacy: refused: its Fisher information is estimated from private examples"):
         assert fragment in text, fragment
     assert "privacy: covered by DP-SGD" in " ".join(invoke("list", "lora").output.split())
+    assert "data-parallel (torchrun / accelerate launch): yes" in text
+    assert "data-parallel (torchrun / accelerate launch): refused: its distillation term" in " ".join(
+        invoke("list", "lwf").output.split())
     assert "exact | countdown" in " ".join(invoke("list", "es").output.split())

@@ -54,9 +54,9 @@ def test_an_unknown_quantization_names_the_valid_ones(tiny_config):
         config(tiny_config, model_quantization="fp4")
 
 
-def test_a_multi_process_launch_is_refused_before_anything_runs(tiny_config, monkeypatch):
+def test_a_multi_process_launch_accepts_a_strategy_that_splits_and_refuses_one_that_does_not(tiny_config,
+                                                                                           monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(RetainError, match="retain runs in one process; this one was launched as one of 2"):
-        check_run(config(tiny_config))
-    monkeypatch.setenv("WORLD_SIZE", "1")
-    check_run(config(tiny_config))
+    check_run(config(tiny_config))  # naive splits its batches
+    with pytest.raises(RetainError, match="strategy 'lwf' cannot run data-parallel"):
+        check_run(config(tiny_config, strategy="lora+lwf"))

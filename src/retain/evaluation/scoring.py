@@ -17,6 +17,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from retain.streams.task import GENERATED, Example, Task
+from retain.parallel import SINGLE, Processes
 
 Advance = Callable[[int], None]
 
@@ -355,15 +356,20 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 16,
 
 
 def evaluate_task(model, tokenizer, task: Task, examples: Sequence[Example] | None = None, *, batch_size: int = 32,
-                  max_new_tokens: int = 16, advance: Advance = _noop) -> TaskScore:
-    """The task's score with its standard error (and, for choice tasks, both acc and acc_norm)."""
+                  max_new_tokens: int = 16, advance: Advance = _noop, processes: Processes = SINGLE) -> TaskScore:
+    """The task's score with its standard error (and, for choice tasks, both acc and acc_norm).
+
+    In a data-parallel run each process scores its share of the items and the raw answers
+    (log-likelihoods, generations) are gathered in item order, so every process returns the
+    score one process computes."""
     examples = list(task.test if examples is None else examples)
     if not examples:
         return TaskScore(float("nan"), 0, None, {})
     n = len(examples)
+    share = processes.share(examples)
     with eval_mode(model):
         if task.metric == "choice":
-            logliks = choice_logliks(model, tokenizer, task, examples, batch_size, advance)
+            logliks = processes.gather(choice_logliks(model, tokenizer, task, share, batch_size, advance))
             gold = [ex.answer_index for ex in examples]
             picks = {key: [pick(lls, ex.options, key == "acc_norm") for lls, ex in zip(logliks, examples)]
                      for key in ("acc", "acc_norm")}
@@ -373,14 +379,15 @@ def evaluate_task(model, tokenizer, task: Task, examples: Sequence[Example] | No
                              {k: 100.0 * v / n for k, v in hits.items()},
                              [100.0 * (p == g) for p, g in zip(picks[key], gold)], picks[key])
         if task.metric in GENERATED:
-            prompts = [task.prompt(tokenizer, ex) for ex in examples]
+            prompts = [task.prompt(tokenizer, ex) for ex in share]
             # A task's own answer length (a summary) wins over the run's default (a label).
-            answers = generate(model, tokenizer, prompts, task.max_new_tokens or max_new_tokens, batch_size, advance)
+            answers = processes.gather(generate(model, tokenizer, prompts, task.max_new_tokens or max_new_tokens,
+                                                batch_size, advance))
             values = [item_score(task.metric, a, ex) for a, ex in zip(answers, examples)]
             mean = sum(values) / n
             return TaskScore(mean, n, mean_stderr(values), {task.metric: mean}, values, answers)
-        pairs = [(task.prompt(tokenizer, ex) if ex.input else "", task.target(ex.output)) for ex in examples]
-        scores = continuation_logprobs(model, tokenizer, pairs, batch_size, advance)
+        pairs = [(task.prompt(tokenizer, ex) if ex.input else "", task.target(ex.output)) for ex in share]
+        scores = processes.gather(continuation_logprobs(model, tokenizer, pairs, batch_size, advance))
         nll, count = -sum(s for s, _ in scores), sum(n for _, n in scores)
         ppl = math.exp(nll / max(count, 1))
         return TaskScore(ppl, n, None, {"perplexity": ppl})
@@ -393,8 +400,9 @@ def score_task(model, tokenizer, task: Task, examples: Sequence[Example] | None 
                          advance=advance).value
 
 
-def work_units(task: Task, n_examples: int) -> int:
-    """Sequences the scorer runs for a task (for progress bars)."""
+def work_units(task: Task, n_examples: int, processes: Processes = SINGLE) -> int:
+    """Sequences the scorer runs for a task (for progress bars): this process's share."""
+    share = processes.share(task.test[:n_examples])
     if task.metric == "choice":
-        return sum(len(ex.options or ()) for ex in task.test[:n_examples])
-    return n_examples
+        return sum(len(ex.options or ()) for ex in share)
+    return len(share)

@@ -11,6 +11,7 @@ import torch
 
 from retain.batching import collate
 from retain.evaluation.scoring import eval_mode
+from retain.parallel import SINGLE, Processes
 from retain.streams.task import Item
 
 
@@ -19,14 +20,17 @@ def named_trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
 
 
 def diagonal_fisher(model, tokenizer, items: list[Item], params: dict[str, torch.nn.Parameter], n: int,
-                    max_length: int, seed: int) -> dict[str, torch.Tensor]:
+                    max_length: int, seed: int, processes: Processes = SINGLE) -> dict[str, torch.Tensor]:
     """F_i = mean over n examples of (d log p(target | prompt) / d theta_i)^2.
 
     One backward pass per example: the per-example gradient is what the estimate needs
     (the square of a batch gradient is not the Fisher). Scored in eval mode, so dropout
-    does not add noise to the estimate.
+    does not add noise to the estimate. In a data-parallel run each process takes a share of
+    the sample and the sums are added across processes.
     """
     sample = random.Random(seed).sample(items, min(n, len(items)))
+    total = len(sample)
+    sample = processes.share(sample)
     device = next(model.parameters()).device
     fisher = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in params.items()}
     names, tensors = list(params), list(params.values())
@@ -39,7 +43,8 @@ def diagonal_fisher(model, tokenizer, items: list[Item], params: dict[str, torch
             for name, g in zip(names, grads):
                 if g is not None:
                     fisher[name] += g.detach().float() ** 2
-    return {k: v / max(len(sample), 1) for k, v in fisher.items()}
+    processes.sum_tensors(list(fisher.values()))
+    return {k: v / max(total, 1) for k, v in fisher.items()}
 
 
 def gradient_magnitude(model, tokenizer, items: list[Item], params: dict[str, torch.nn.Parameter], n: int,

@@ -8,12 +8,14 @@ a third class.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, ContextManager, Iterator, Literal
 
 import torch
 from pydantic import BaseModel
+
+from retain.parallel import Processes
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -37,9 +39,13 @@ class Context:
     tokenizer: Any
     accelerator: "Accelerator"
     stream: "Stream"
+    #: Where the run writes; None on every process but the main one of a data-parallel run
+    #: (and outside a run), so that a strategy saving adapters writes one copy.
     run_dir: Path | None = None
     #: The phase being trained (set by the loop; -1 before the first).
     phase: int = -1
+    #: The processes of a data-parallel run (one by default): shares of work and reductions.
+    processes: Processes = field(default_factory=Processes)
 
     @property
     def phase_seed(self) -> int:
@@ -103,6 +109,10 @@ class Strategy:
     #: loss term Opacus cannot split into per-example gradients, a step of its own). ``None``:
     #: not reviewed for privacy, so refused.
     not_private: ClassVar[str | None] = None
+    #: In a data-parallel run (N processes): "" when the method gives the one-process result
+    #: (its state identical on every process, or reduced across them), else why not. ``None``:
+    #: not reviewed for data-parallel runs, so refused there.
+    data_parallel: ClassVar[str | None] = None
     #: Names of strategies this one cannot be combined with, with the reason.
     incompatible: ClassVar[dict[str, str]] = {}
     #: Names of strategies this one needs in the same stack (``merge`` needs ``lora-per-task``).

@@ -61,6 +61,8 @@ def top_k_targets(model, tokenizer, items: list[Item], k: int, max_length: int, 
 class DistillReplay(Strategy):
     name = "distill-replay"
     not_private = "its distillation term is added to the batch's loss outside retain's per-example loss"
+    data_parallel = ("its distillation term is a mean over the batch, which the data-parallel step "
+                     "does not weigh by the global batch")
     summary = "replay that trains memory examples to match the teacher's stored top-k log-probabilities"
     options_key = "distill-replay"
     Options = DistillReplayOptions

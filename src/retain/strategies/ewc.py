@@ -36,6 +36,7 @@ class EWC(Strategy):
     name = "ewc"
     not_private = ("its Fisher information is estimated from private examples outside the noised step, and its penalty "
                    "is not a per-example loss, so DP-SGD would drop its gradient")
+    data_parallel = ""  # Fisher: a share of the samples per process, summed; penalty: 1/N per process
     summary = "Elastic Weight Consolidation (diagonal Fisher; `online: true` keeps one decayed running Fisher)"
     options_key = "ewc"
     Options = EWCOptions
@@ -67,7 +68,7 @@ class EWC(Strategy):
         params = named_trainable(ctx.model)
         items = [it for t in tasks for it in t.items(ctx.tokenizer)]
         fisher = diagonal_fisher(ctx.model, ctx.tokenizer, items, params, self.options.fisher_samples,
-                                 ctx.config.train.max_length, seed=ctx.phase_seed)
+                                 ctx.config.train.max_length, seed=ctx.phase_seed, processes=ctx.processes)
         if self.options.normalize:
             mean = sum(f.sum() for f in fisher.values()) / sum(f.numel() for f in fisher.values())
             fisher = {k: v / mean.clamp(min=torch.finfo(torch.float32).tiny) for k, v in fisher.items()}

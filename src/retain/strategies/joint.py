@@ -9,6 +9,7 @@ from retain.strategies.base import Strategy, register
 class Joint(Strategy):
     name = "joint"
     not_private = ""
+    data_parallel = ""
     summary = "all tasks trained together in one phase (the multitask reference); combine with lora for joint LoRA"
 
     def plan(self, tasks):

@@ -14,6 +14,7 @@ __all__ = ["Lora", "LoraOptions"]
 class Lora(Strategy):
     name = "lora"
     not_private = ""
+    data_parallel = ""
     summary = "one shared LoRA adapter trained through the stream, base weights frozen"
     task_free = True
     options_key = "lora"

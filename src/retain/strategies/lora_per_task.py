@@ -19,6 +19,9 @@ from retain.strategies._lora import LoraOptions, save_adapter, use_adapter, wrap
 class LoraPerTask(Strategy):
     name = "lora-per-task"
     not_private = "its task router keeps the mean embedding of each task's private inputs, without noise"
+    # Each task's adapter is initialized from the phase seed on every process; the router's
+    # centroids are computed on every process alike.
+    data_parallel = ""
     summary = "a fresh LoRA adapter for each task, saved under adapters/<task>/; earlier adapters stay bit-identical"
     options_key = "lora"
     Options = LoraOptions

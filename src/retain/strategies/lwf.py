@@ -35,6 +35,8 @@ def distillation_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, 
 class LwF(Strategy):
     name = "lwf"
     not_private = "its distillation term is added to the batch's loss outside retain's per-example loss"
+    data_parallel = ("its distillation term is a mean over the batch, which the data-parallel step "
+                     "does not weigh by the global batch")
     summary = "Learning without Forgetting: KL to the pre-task model on the new task's inputs (no second model copy)"
     options_key = "lwf"
     Options = LwFOptions

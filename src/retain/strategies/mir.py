@@ -70,6 +70,8 @@ def interference(ctx: Context, batch: list[Item], candidates: list[Item], lr: fl
 class MIR(Strategy):
     name = "mir"
     not_private = "it picks which memories to replay by their loss on private examples outside the noised step"
+    data_parallel = ("its virtual update and retrieval act on the model inside each step, outside the "
+                     "split step")
     summary = "maximally interfered retrieval: replay the memory examples a virtual step on the batch hurts most"
     task_free = True
     options_key = "mir"

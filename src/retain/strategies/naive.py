@@ -9,6 +9,7 @@ from retain.strategies.base import Context, Strategy, register
 class Naive(Strategy):
     name = "naive"
     not_private = ""
+    data_parallel = ""
     summary = "full fine-tuning of every weight, task after task (the forgetting baseline)"
     task_free = True
     owns_parameters = True

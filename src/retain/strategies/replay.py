@@ -114,6 +114,9 @@ def rank(policy: Policy, ctx: Context, items: list[Item], limit: int, seed: str)
 class Replay(Strategy):
     name = "replay"
     not_private = ""
+    # Memory draws are seeded, so every process holds the same memory; the coreset and surprise
+    # policies score the items on every process (the same result, not split).
+    data_parallel = ""
     summary = "reservoir-sampled memory of past examples; a fraction `ratio` of each batch is replayed"
     task_free = True
     options_key = "replay"

@@ -32,6 +32,7 @@ def rewarm_factor(step: int, steps: int, warmup_fraction: float, min_ratio: floa
 class Rewarm(Strategy):
     name = "rewarm"
     not_private = ""
+    data_parallel = ""  # a learning-rate schedule: the same on every process
     summary = "re-warmed learning rate at each stage: linear warm-up to a peak, cosine decay (continual pre-training)"
     options_key = "rewarm"
     Options = RewarmOptions

@@ -24,7 +24,7 @@ from retain.evaluation.scoring import eval_mode, generate
 from retain.rewards import FormatPattern, RewardKind, score
 from retain.strategies.base import Context, Strategy, register
 from retain.strategies.es.noise import apply_update, perturbed_members, unique_parameters, zscore
-from retain.strategies.es.pools import WorkerPool
+from retain.strategies.es.pools import WorkerPool, gather, shard
 from retain.streams.task import Item
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ class ESOptions(BaseModel):
 class ES(Strategy):
     name = "es"
     not_private = "it replaces the gradient step with evolution strategies, which DP-SGD does not noise"
+    data_parallel = ""  # members w, w+N, ... scored on process w, rewards gathered
     summary = "evolution strategies: seeded in-place perturbations, z-scored rewards, no gradients"
     options_key = "es"
     Options = ESOptions
@@ -161,6 +162,11 @@ class ES(Strategy):
                                            lambda ms, zs: self.update(params, ms, zs))
             if self.pool is not None:
                 rewards, fixes = self.pool.score(items, members)
+            elif ctx.processes.count > 1:
+                # A data-parallel run: this process scores its members by the pools' sharding rule.
+                n, rank = ctx.processes.count, ctx.processes.rank
+                share = self.population_rewards(ctx, items, shard(members, n)[rank], params)
+                rewards, fixes = gather(ctx.processes.gather([share]), len(members))
             else:
                 rewards, fixes = self.population_rewards(ctx, items, members, params)
             z = zscore(rewards)

@@ -1,0 +1,156 @@
+"""Data-parallel runs: N processes (``torchrun`` or ``accelerate launch``) share one run.
+
+Every process runs the same loop on the same seeds, so each draws the same global batch,
+the same replay memory and the same ES members; what is split is the work on them:
+
+- a step's global batch: each process takes a contiguous share, its token losses are summed
+  and divided by the global token count, and the gradients are summed across processes, so
+  the step equals the one-process step on the whole batch (up to float summation order);
+- evaluation: each process scores a contiguous share of a task's test items, and the raw
+  answers are gathered in order, so every process computes the one-process score;
+- estimates over examples (EWC's Fisher): a share each, summed across processes;
+- ES populations: member w, w+N, ... on process w, rewards gathered in member order.
+
+Gradients are reduced here rather than by wrapping the model in DDP: strategies add
+adapters between phases (per-task LoRA) and change what trains, and a DDP wrapper fixes
+its parameters when it is built. Only the main process writes files and prints.
+"""
+
+from __future__ import annotations
+
+import os
+from itertools import chain
+from typing import Any, Sequence, TypeVar
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+
+T = TypeVar("T")
+
+#: Gradient elements all-reduced in one call (flattened), as DDP buckets them.
+BUCKET = 2**24
+
+
+class Processes:
+    """The processes of one run; with one process every operation is the identity."""
+
+    def __init__(self, accelerator: Accelerator | None = None) -> None:
+        self.count = accelerator.num_processes if accelerator is not None else 1
+        self.rank = accelerator.process_index if accelerator is not None else 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def bounds(self, n: int, rank: int | None = None) -> tuple[int, int]:
+        """The contiguous share [start, stop) of n items that ``rank`` (default: this one) takes;
+        shares differ in size by at most one, the first ones taking the extra items."""
+        rank = self.rank if rank is None else rank
+        base, extra = divmod(n, self.count)
+        start = rank * base + min(rank, extra)
+        return start, start + base + (1 if rank < extra else 0)
+
+    def share(self, items: Sequence[T]) -> list[T]:
+        start, stop = self.bounds(len(items))
+        return list(items[start:stop])
+
+    def gather(self, part: list[T]) -> list[T]:
+        """Every process's ``share`` results, concatenated in rank order (the original order)."""
+        if self.count == 1:
+            return part
+        return list(chain.from_iterable(gather_object([part])))
+
+    def sum(self, value: float | int) -> float | int:
+        """A number summed over processes."""
+        if self.count == 1:
+            return value
+        return type(value)(sum(gather_object([value])))
+
+    def sum_tensors(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Sum tensors in place across processes, in flattened buckets."""
+        if self.count == 1 or not tensors:
+            return
+        bucket: list[torch.Tensor] = []
+        size = 0
+        for t in list(tensors) + [None]:
+            if t is None or (bucket and size + t.numel() > BUCKET):
+                flat = torch.cat([b.reshape(-1) for b in bucket])
+                dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+                offset = 0
+                for b in bucket:
+                    b.copy_(flat[offset:offset + b.numel()].view_as(b))
+                    offset += b.numel()
+                bucket, size = [], 0
+            if t is not None:
+                bucket.append(t)
+                size += t.numel()
+
+    def sum_gradients(self, params: Sequence[torch.nn.Parameter]) -> None:
+        """Sum the gradients of ``params`` across processes; a process whose share of the
+        batch left a parameter without gradient contributes zeros."""
+        if self.count == 1:
+            return
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        # Grouped by dtype: one flat buffer holds one dtype.
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for p in params:
+            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+        for grads in by_dtype.values():
+            self.sum_tensors(grads)
+
+    def barrier(self) -> None:
+        if self.count > 1:
+            dist.barrier()
+
+    def record(self) -> dict[str, Any]:
+        return {"num_processes": self.count}
+
+
+SINGLE = Processes()
+
+
+def launched_processes() -> int:
+    """How many processes the launcher started (``WORLD_SIZE``, set by torchrun and accelerate)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def main_process() -> bool:
+    """Whether this is the process that prints and writes (``RANK`` 0, or no launcher)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def check(config: Any, stack: Any, processes: int) -> None:
+    """Refuse, before anything runs, what a run of ``processes`` processes would not do as
+    one process does."""
+    from retain.errors import RetainError
+    from retain.strategies import registry
+
+    if processes <= 1:
+        return
+    launched = f"this run was launched as {processes} processes (WORLD_SIZE)"
+    for s in stack.strategies:
+        if s.data_parallel == "":
+            continue
+        works = sorted(n for n, c in registry().items() if c.data_parallel == "")
+        why = s.data_parallel or "it has not been checked to give the one-process result when the work is split"
+        raise RetainError(f"strategy '{s.name}' cannot run data-parallel: {why}; {launched}. Strategies that can: "
+                          f"{', '.join(works)}; or launch `retain run` as one process")
+    refused = [
+        (config.online is not None, "online", "online mode scores and trains batch by batch in one process"),
+        (config.privacy is not None, "privacy", "DP-SGD's per-example clipping and noise are not split across "
+         "processes"),
+        (config.federated is not None, "federated", "federated clients are processes of their own (Flower)"),
+        (config.eval.harness is not None, "eval.harness", "lm-eval's scorer runs in one process"),
+        (bool(config.seeds), "seeds", "the seeds' runs and their aggregate are written by one process; launch one "
+         "seed at a time (seed=S) or dispatch the seeds with --ray"),
+        (any(s.name == "es" for s in stack.strategies) and config.options("es").workers > 1, "es.workers",
+         "the population is already split over the launched processes"),
+    ]
+    for bad, key, why in refused:
+        if bad:
+            raise RetainError(f"{key}: not available in a data-parallel run ({why}); {launched}. Drop {key} or "
+                              "launch `retain run` as one process")

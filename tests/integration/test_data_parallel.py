@@ -1,0 +1,131 @@
+"""`retain run` under torchrun with 2 processes (gloo on CPU) gives the one-process run: the
+same losses, trained weights, R and probe, one copy of each file; a killed 2-process run
+resumes; what cannot split its work is refused before anything runs."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.conftest import run_figures, small_options
+from retain.config import load_config
+from retain.errors import RetainError
+from retain.loop import check_run, execute
+
+#: Dropout off: its masks are drawn per process, so with it two processes draw other masks
+#: than one (the only difference the split makes beyond float summation order).
+EXACT = {"lora": {"dropout": 0.0}, "train__max_steps": 3, "train__checkpoint_every": 1}
+
+
+def torchrun(*args: str, script: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Two processes on this machine, one thread each, as `torchrun --standalone` starts them."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    target = [str(script)] if script is not None else ["-m", "retain.cli"]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           *target, *args], capture_output=True, text=True, env=env, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def trained(run_dir: Path) -> dict:
+    state = json.loads((run_dir / "checkpoints" / "state.json").read_text())
+    return load_file(str(run_dir / "checkpoints" / state["files"]["trained"]))
+
+
+def files(run_dir: Path) -> set[str]:
+    return {str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file()}
+
+
+def assert_same_run(one: dict, two: dict, dir_one: Path, dir_two: Path) -> None:
+    a, b = run_figures(one), run_figures(two)
+    assert b["R"] == a["R"] and b["base"] == a["base"] and b["probe"] == a["probe"]
+    for (first1, last1, tok1), (first2, last2, tok2) in zip(a["losses"], b["losses"]):
+        assert tok2 == tok1
+        assert first2 == pytest.approx(first1, rel=1e-5) and last2 == pytest.approx(last1, rel=1e-5)
+    w1, w2 = trained(dir_one), trained(dir_two)
+    assert set(w2) == set(w1)
+    for k in w1:
+        assert (w1[k] - w2[k]).abs().max().item() < 1e-5, k
+    # Only the main process wrote: the same files as one process, one copy each.
+    assert files(dir_two) == files(dir_one)
+
+
+@pytest.mark.parametrize("strategy", ["naive", "lora", "lora+replay", "ewc", "lora-per-task", "es"])
+def test_two_processes_give_the_one_process_run(tiny_config, tmp_path, strategy):
+    over = dict(strategy=strategy, **EXACT, **small_options(strategy))
+    if strategy == "es":  # an odd population: the processes score 2 and 1 members
+        over["es"] = {**over["es"], "population": 3, "antithetic": False}
+    one = execute(load_config(tiny_config("one", **over)), quiet=True)
+    torchrun("run", str(tiny_config("two", **over)), "--quiet")
+    dir_one, dir_two = tmp_path / "runs" / "one", tmp_path / "runs" / "two"
+    two = json.loads((dir_two / "results.json").read_text())
+    assert one["num_processes"] == 1 and two["num_processes"] == 2
+    assert all(t["num_processes"] == 2 for t in two["timings"])
+    assert_same_run(one, two, dir_one, dir_two)
+    if strategy == "ewc":
+        assert two["strategy_stats"][0]["ewc"]["fisher_mean"] == pytest.approx(
+            one["strategy_stats"][0]["ewc"]["fisher_mean"], rel=1e-4)
+
+
+KILL = '''
+import sys
+import retain.loop as loop
+
+real, calls = loop.Run.shared_gradient_step, []
+
+
+def dying(self, ctx, *args):
+    calls.append(1)
+    if ctx.processes.rank == 1 and len(calls) == 5:  # phase 2, step 2: one process dies
+        raise SystemExit(9)
+    return real(self, ctx, *args)
+
+
+loop.Run.shared_gradient_step = dying
+from retain.cli import main
+
+sys.argv = ["retain", *sys.argv[1:]]
+main()
+'''
+
+
+def test_a_killed_two_process_run_resumes_to_the_one_process_result(tiny_config, tmp_path):
+    over = dict(strategy="lora+replay", **EXACT, **small_options("lora+replay"))
+    one = execute(load_config(tiny_config("one", **over)), quiet=True)
+    script = tmp_path / "dying.py"
+    script.write_text(KILL)
+    killed = torchrun("run", str(tiny_config("two", **over)), "--quiet", script=script, check=False)
+    assert killed.returncode != 0
+    run_dir = tmp_path / "runs" / "two"
+    assert not (run_dir / "results.json").exists()
+    state = json.loads((run_dir / "checkpoints" / "state.json").read_text())
+    assert state["completed_phases"] == 1  # the first phase was kept
+    torchrun("run", "--resume", str(run_dir), "--quiet")
+    two = json.loads((run_dir / "results.json").read_text())
+    assert_same_run(one, two, tmp_path / "runs" / "one", run_dir)
+
+
+@pytest.mark.parametrize("strategy, why", [("lora+lwf", "distillation term is a mean over the batch"),
+                                           ("grpo", "TRL's trainer"),
+                                           ("lora+sparse", "not been checked")])
+def test_a_strategy_that_cannot_split_its_work_is_refused(tiny_config, monkeypatch, strategy, why):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = load_config(tiny_config(strategy=strategy, **small_options(strategy)))
+    with pytest.raises(RetainError, match=f"strategy '.*' cannot run data-parallel: .*{why}.*Strategies that can: "):
+        check_run(cfg)
+
+
+@pytest.mark.parametrize("over, key", [({"online": {}, "strategy": "lora"}, "online"),
+                                       ({"seeds": [0, 1]}, "seeds"),
+                                       ({"strategy": "es", "es": {"workers": 2}}, "es.workers")])
+def test_a_setting_that_runs_in_one_process_is_refused(tiny_config, monkeypatch, over, key):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RetainError, match=f"{key}: not available in a data-parallel run"):
+        check_run(load_config(tiny_config(**over)))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    check_run(load_config(tiny_config(**over)))

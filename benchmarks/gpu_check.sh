@@ -62,6 +62,18 @@ run qwen-lora-bf16 lora model=$M/qwen train.max_steps=10 train.precision=bf16 ev
 # carried as a wheel: pip download bitsandbytes, see the device notes).
 run qwen-qlora-nf4 lora model=$M/qwen model_quantization=nf4 train.max_steps=10 train.precision=bf16 eval.probe_max=8
 run merge lora-per-task-merge train.max_steps=5
+# Data-parallel (NCCL) where the machine has 2 GPUs or more: the same lora+replay run as one process and
+# as 2; their trained weights and R should agree to float tolerance (tested on CPU with gloo).
+if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
+  run dp-1 lora-replay train.max_steps=10 train.precision=bf16 lora.dropout=0
+  step dp-2 200 torchrun --standalone --nproc_per_node 2 -m retain.cli run configs/lora-replay.yaml name=dp-2 \
+    "output_dir=$R" "model=$M/smol" eval.max_test=16 eval.probe_max=16 train.max_steps=10 train.precision=bf16 \
+    lora.dropout=0 --overwrite --quiet
+  python3 -c "import json, sys
+a, b = (json.load(open(f'{sys.argv[1]}/{n}/results.json')) for n in ('dp-1', 'dp-2'))
+print(json.dumps({'run': 'dp-2-vs-1', 'R_1': a['R'], 'R_2': b['R'], 'tokens_per_s': [a['train_tokens_per_s'], b['train_tokens_per_s']]}))" \
+    "$R" >>"$OUT/runs.jsonl" 2>>"$LOG"
+fi
 run experts lora-experts train.max_steps=5
 # retain export's vLLM manifest, started as written (skipped with exit 3 when vLLM is not installed).
 step vllm-manifest 240 sh -c "retain export $R/merge $R/merge-export --overwrite && \

@@ -129,6 +129,13 @@ def check(config: Any, stack: Any, processes: int) -> None:
     from retain.errors import RetainError
     from retain.strategies import registry
 
+    for engine in ("FSDP", "DEEPSPEED"):
+        # accelerate launch sets these from its config; the loop's own gradient reduction would
+        # leave the model unsharded, so the sharding asked for would silently not happen.
+        if os.environ.get(f"ACCELERATE_USE_{engine}", "").lower() in ("1", "true"):
+            raise RetainError(f"ACCELERATE_USE_{engine}: retain does not shard models with {engine} yet (its data-"
+                              "parallel runs replicate the model on every process); launch without the "
+                              f"{engine.lower()} config, e.g. `torchrun --nproc_per_node N -m retain.cli run CONFIG`")
     if processes <= 1:
         return
     launched = f"this run was launched as {processes} processes (WORLD_SIZE)"

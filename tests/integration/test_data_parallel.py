@@ -129,3 +129,10 @@ def test_a_setting_that_runs_in_one_process_is_refused(tiny_config, monkeypatch,
         check_run(load_config(tiny_config(**over)))
     monkeypatch.setenv("WORLD_SIZE", "1")
     check_run(load_config(tiny_config(**over)))
+
+
+@pytest.mark.parametrize("engine", ["FSDP", "DEEPSPEED"])
+def test_a_sharded_launch_is_refused_rather_than_run_unsharded(tiny_config, monkeypatch, engine):
+    monkeypatch.setenv(f"ACCELERATE_USE_{engine}", "true")
+    with pytest.raises(RetainError, match=f"does not shard models with {engine} yet"):
+        check_run(load_config(tiny_config()))

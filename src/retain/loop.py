@@ -331,7 +331,7 @@ class Run:
             # The loss function shifts labels by one: the targets are labels[:, 1:].
             targets = int((batch["labels"][:, 1:] != -100).sum())
             tokens = int(batch["attention_mask"].sum())
-        global_targets = processes.sum(targets)
+        global_targets = int(processes.sum(targets)[0])
         with ctx.accelerator.autocast():
             if batch is not None:
                 # transformers' loss divides the summed token losses by num_items_in_batch.
@@ -345,8 +345,8 @@ class Run:
             ctx.accelerator.backward(loss)
         processes.sum_gradients(params)
         self.optimizer_step(ctx, params, optimizer, scheduler)
-        value = float(processes.sum(loss.item() if loss is not None else 0.0))
-        return value, int(processes.sum(tokens))
+        value, tokens = processes.sum(loss.item() if loss is not None else 0.0, tokens)
+        return value, int(tokens)
 
     def private_step(self, ctx: Context, items: list, optimizer, scheduler, params: list,
                      losses: list[float]) -> tuple[float, int]:

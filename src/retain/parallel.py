@@ -39,6 +39,8 @@ class Processes:
     def __init__(self, accelerator: Accelerator | None = None) -> None:
         self.count = accelerator.num_processes if accelerator is not None else 1
         self.rank = accelerator.process_index if accelerator is not None else 0
+        # Where collectives' tensors live (NCCL reduces CUDA tensors only).
+        self.device = accelerator.device if accelerator is not None else torch.device("cpu")
 
     @property
     def main(self) -> bool:
@@ -62,11 +64,13 @@ class Processes:
             return part
         return list(chain.from_iterable(gather_object([part])))
 
-    def sum(self, value: float | int) -> float | int:
-        """A number summed over processes."""
+    def sum(self, *values: float) -> list[float]:
+        """Numbers each summed over processes, in one collective (float64, so token counts stay exact)."""
         if self.count == 1:
-            return value
-        return type(value)(sum(gather_object([value])))
+            return [float(v) for v in values]
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.tolist()
 
     def sum_tensors(self, tensors: Sequence[torch.Tensor]) -> None:
         """Sum tensors in place across processes, in flattened buckets."""

@@ -318,34 +318,30 @@ class Run:
                              scheduler) -> tuple[float, int]:
         """The step of a data-parallel run: this process's share of the global batch, its
         token losses divided by the global count of target tokens, the gradients summed over
-        processes, so the update is the one-process update on the whole batch. A strategy's
-        extra loss (only weight penalties are allowed here, see ``data_parallel``) is the same
-        on every process and enters as 1/N of itself per process."""
+        processes, so the update is the one-process update on the whole batch. Each strategy's
+        extra loss is this process's part of its term (see ``Strategy.extra_loss``)."""
         processes = ctx.processes
+        if len(items) < processes.count:  # the same on every process: all stop here together
+            raise RetainError(f"a batch of {len(items)} examples cannot be split over {processes.count} processes; "
+                              "train.batch_size must be at least the number of processes (a task with fewer "
+                              "training examples than processes cannot fill one either)")
         share = processes.share(items)
-        loss = outputs = batch = None
-        targets = tokens = 0
-        if share:
-            batch = collate(ctx.tokenizer, share, self.config.train.max_length)
-            batch = {k: v.to(ctx.accelerator.device) for k, v in batch.items()}
-            # The loss function shifts labels by one: the targets are labels[:, 1:].
-            targets = int((batch["labels"][:, 1:] != -100).sum())
-            tokens = int(batch["attention_mask"].sum())
-        global_targets = int(processes.sum(targets)[0])
+        batch = collate(ctx.tokenizer, share, self.config.train.max_length)
+        batch = {k: v.to(ctx.accelerator.device) for k, v in batch.items()}
+        # The loss function shifts labels by one: the targets are labels[:, 1:].
+        targets = int((batch["labels"][:, 1:] != -100).sum())
+        global_targets = processes.sum(targets)[0]
         with ctx.accelerator.autocast():
-            if batch is not None:
-                # transformers' loss divides the summed token losses by num_items_in_batch.
-                outputs = ctx.model(**batch, num_items_in_batch=max(global_targets, 1))
-                loss = outputs.loss if targets else outputs.logits.sum() * 0.0
+            # transformers' loss divides the summed token losses by num_items_in_batch.
+            outputs = ctx.model(**batch, num_items_in_batch=max(int(global_targets), 1))
+            loss = outputs.loss if targets else outputs.logits.sum() * 0.0
             extra = stack.extra_loss(ctx, batch, outputs, share)
             if extra is not None:
-                extra = extra / processes.count
-                loss = extra if loss is None else loss + extra
-        if loss is not None:
-            ctx.accelerator.backward(loss)
+                loss = loss + extra
+        ctx.accelerator.backward(loss)
         processes.sum_gradients(params)
         self.optimizer_step(ctx, params, optimizer, scheduler)
-        value, tokens = processes.sum(loss.item() if loss is not None else 0.0, tokens)
+        value, tokens = processes.sum(loss.item(), int(batch["attention_mask"].sum()))
         return value, int(tokens)
 
     def private_step(self, ctx: Context, items: list, optimizer, scheduler, params: list,

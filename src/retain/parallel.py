@@ -9,6 +9,8 @@ the same replay memory and the same ES members; what is split is the work on the
 - evaluation: each process scores a contiguous share of a task's test items, and the raw
   answers are gathered in order, so every process computes the one-process score;
 - estimates over examples (EWC's Fisher): a share each, summed across processes;
+- strategies' loss terms: each process adds its part (a weight penalty divided by N, a
+  distillation mean's share divided by the global count), see ``Strategy.extra_loss``;
 - ES populations: member w, w+N, ... on process w, rewards gathered in member order.
 
 Gradients are reduced here rather than by wrapping the model in DDP: strategies add
@@ -71,6 +73,17 @@ class Processes:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t.tolist()
+
+    def replicated(self, term: torch.Tensor) -> torch.Tensor:
+        """This process's part of a loss term every process computes whole (a weight penalty):
+        the parts of all processes add up to the term once."""
+        return term / self.count
+
+    def mean(self, total: torch.Tensor, count: float) -> torch.Tensor:
+        """This process's part of a mean over the global batch (``total`` summed over this
+        process's share, ``count`` its share's terms): the parts add up to the global mean.
+        Every process must call it at every step (it sums the counts across processes)."""
+        return total / max(self.sum(count)[0], 1.0)
 
     def sum_tensors(self, tensors: Sequence[torch.Tensor]) -> None:
         """Sum tensors in place across processes, in flattened buckets."""
@@ -150,6 +163,9 @@ def check(config: Any, stack: Any, processes: int) -> None:
         why = s.data_parallel or "it has not been checked to give the one-process result when the work is split"
         raise RetainError(f"strategy '{s.name}' cannot run data-parallel: {why}; {launched}. Strategies that can: "
                           f"{', '.join(works)}; or launch `retain run` as one process")
+    if config.train.batch_size < processes:
+        raise RetainError(f"train.batch_size: {config.train.batch_size} cannot give each of the {processes} processes an "
+                          f"example of every batch; {launched}. Use a batch of at least {processes}")
     refused = [
         (config.online is not None, "online", "online mode scores and trains batch by batch in one process"),
         (config.privacy is not None, "privacy", "DP-SGD's per-example clipping and noise are not split across "

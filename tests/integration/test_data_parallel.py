@@ -49,13 +49,16 @@ def assert_same_run(one: dict, two: dict, dir_one: Path, dir_two: Path) -> None:
         assert first2 == pytest.approx(first1, rel=1e-5) and last2 == pytest.approx(last1, rel=1e-5)
     w1, w2 = trained(dir_one), trained(dir_two)
     assert set(w2) == set(w1)
+    # Adam divides each gradient by its running scale, so summation-order noise in near-zero
+    # gradients becomes up to ~1e-5 of a weight after a few steps at lr 1e-2: 1% of one step.
     for k in w1:
-        assert (w1[k] - w2[k]).abs().max().item() < 1e-5, k
+        assert (w1[k] - w2[k]).abs().max().item() < 1e-4, k
     # Only the main process wrote: the same files as one process, one copy each.
     assert files(dir_two) == files(dir_one)
 
 
-@pytest.mark.parametrize("strategy", ["naive", "lora", "lora+replay", "ewc", "lora-per-task", "es"])
+@pytest.mark.parametrize("strategy", ["naive", "lora", "lora+replay", "ewc", "lora-per-task", "es", "lora+lwf",
+                                      "distill-replay"])
 def test_two_processes_give_the_one_process_run(tiny_config, tmp_path, strategy):
     over = dict(strategy=strategy, **EXACT, **small_options(strategy))
     if strategy == "es":  # an odd population: the processes score 2 and 1 members
@@ -110,7 +113,7 @@ def test_a_killed_two_process_run_resumes_to_the_one_process_result(tiny_config,
     assert_same_run(one, two, tmp_path / "runs" / "one", run_dir)
 
 
-@pytest.mark.parametrize("strategy, why", [("lora+lwf", "distillation term is a mean over the batch"),
+@pytest.mark.parametrize("strategy, why", [("l2p", "key-matching loss is a mean over the batch"),
                                            ("grpo", "TRL's trainer"),
                                            ("lora+sparse", "not been checked")])
 def test_a_strategy_that_cannot_split_its_work_is_refused(tiny_config, monkeypatch, strategy, why):
@@ -122,10 +125,11 @@ def test_a_strategy_that_cannot_split_its_work_is_refused(tiny_config, monkeypat
 
 @pytest.mark.parametrize("over, key", [({"online": {}, "strategy": "lora"}, "online"),
                                        ({"seeds": [0, 1]}, "seeds"),
-                                       ({"strategy": "es", "es": {"workers": 2}}, "es.workers")])
+                                       ({"strategy": "es", "es": {"workers": 2}}, "es.workers"),
+                                       ({"train": {"batch_size": 1}}, "train.batch_size")])
 def test_a_setting_that_runs_in_one_process_is_refused(tiny_config, monkeypatch, over, key):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(RetainError, match=f"{key}: not available in a data-parallel run"):
+    with pytest.raises(RetainError, match=f"{key}: (not available in a data-parallel run|1 cannot give each)"):
         check_run(load_config(tiny_config(**over)))
     monkeypatch.setenv("WORLD_SIZE", "1")
     check_run(load_config(tiny_config(**over)))

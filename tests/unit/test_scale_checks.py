@@ -58,5 +58,5 @@ def test_a_multi_process_launch_accepts_a_strategy_that_splits_and_refuses_one_t
                                                                                            monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     check_run(config(tiny_config))  # naive splits its batches
-    with pytest.raises(RetainError, match="strategy 'lwf' cannot run data-parallel"):
-        check_run(config(tiny_config, strategy="lora+lwf"))
+    with pytest.raises(RetainError, match="strategy 'l2p' cannot run data-parallel"):
+        check_run(config(tiny_config, strategy="l2p"))

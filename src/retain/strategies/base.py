@@ -175,7 +175,12 @@ class Strategy:
 
     def extra_loss(self, ctx: Context, batch: dict[str, torch.Tensor], outputs: Any,
                    items: list["Item"]) -> torch.Tensor | None:
-        """A term added to the language-modelling loss (EWC penalty, distillation)."""
+        """A term added to the language-modelling loss (EWC penalty, distillation).
+
+        In a data-parallel run (``data_parallel == ""``) return this process's part of the
+        term, so that the parts add up to the one-process term: ``ctx.processes.replicated(t)``
+        for a term every process computes whole, ``ctx.processes.mean(total, count)`` for a mean
+        over the batch (this process holds a share of it). Both are the term itself in one process."""
         return None
 
     def after_task(self, ctx: Context, tasks: list["Task"]) -> None:

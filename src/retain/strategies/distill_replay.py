@@ -61,8 +61,7 @@ def top_k_targets(model, tokenizer, items: list[Item], k: int, max_length: int, 
 class DistillReplay(Strategy):
     name = "distill-replay"
     not_private = "its distillation term is added to the batch's loss outside retain's per-example loss"
-    data_parallel = ("its distillation term is a mean over the batch, which the data-parallel step "
-                     "does not weigh by the global batch")
+    data_parallel = ""  # its term is summed over each share and divided by the global count of positions
     summary = "replay that trains memory examples to match the teacher's stored top-k log-probabilities"
     options_key = "distill-replay"
     Options = DistillReplayOptions
@@ -96,7 +95,10 @@ class DistillReplay(Strategy):
 
     def extra_loss(self, ctx: Context, batch, outputs, items):
         rows = [(r, self._replayed[id(it)]) for r, it in enumerate(items) if id(it) in self._replayed]
-        if not rows or self.options.alpha == 0:
+        if self.options.alpha == 0 or not self._replayed:  # the same on every process
+            return None
+        if not rows:  # this process's share holds no replayed item; it still counts with the others
+            ctx.processes.mean(torch.zeros(()), 0.0)
             return None
         mask = target_mask(ctx.tokenizer, items, ctx.config.train.max_length).to(outputs.logits.device)
         losses = []
@@ -105,7 +107,8 @@ class DistillReplay(Strategy):
             ids, logp = record.ids.to(student.device), record.logp.to(student.device)
             teacher = torch.softmax(logp, dim=-1)  # renormalized over the stored top-k
             losses.append(-(teacher * student.gather(-1, ids)).sum(-1))
-        return self.options.alpha * torch.cat(losses).mean()
+        terms = torch.cat(losses)
+        return self.options.alpha * ctx.processes.mean(terms.sum(), float(terms.numel()))
 
     def after_task(self, ctx: Context, tasks) -> None:
         for item in self._fresh:

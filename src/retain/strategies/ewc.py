@@ -61,7 +61,8 @@ class EWC(Strategy):
     def extra_loss(self, ctx: Context, batch, outputs, items):
         if not self.terms or self.options.lambda_ == 0:
             return None
-        return self.penalty(named_trainable(ctx.model))
+        penalty = self.penalty(named_trainable(ctx.model))
+        return None if penalty is None else ctx.processes.replicated(penalty)
 
     def after_task(self, ctx: Context, tasks) -> None:
         start = time.perf_counter()

@@ -23,20 +23,20 @@ class LwFOptions(BaseModel):
 
 
 def distillation_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor,
-                    temperature: float) -> torch.Tensor:
-    """Mean over masked positions of T^2 * KL(softmax(t/T) || softmax(s/T))."""
+                    temperature: float) -> tuple[torch.Tensor, float]:
+    """Sum over masked positions of T^2 * KL(softmax(t/T) || softmax(s/T)), and the positions'
+    count (their mean is the term; a data-parallel run divides by the global count)."""
     t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     s = F.log_softmax(student_logits.float() / temperature, dim=-1)
     kl = (t.exp() * (t - s)).sum(-1)
-    return temperature**2 * (kl * mask).sum() / mask.sum().clamp(min=1)
+    return temperature**2 * (kl * mask).sum(), float(mask.sum())
 
 
 @register
 class LwF(Strategy):
     name = "lwf"
     not_private = "its distillation term is added to the batch's loss outside retain's per-example loss"
-    data_parallel = ("its distillation term is a mean over the batch, which the data-parallel step "
-                     "does not weigh by the global batch")
+    data_parallel = ""  # its KL is summed over each share and divided by the global count of positions
     summary = "Learning without Forgetting: KL to the pre-task model on the new task's inputs (no second model copy)"
     options_key = "lwf"
     Options = LwFOptions
@@ -70,7 +70,8 @@ class LwF(Strategy):
             return None
         teacher = self.teacher_logits(ctx.model, batch)
         mask = batch["attention_mask"].float()
-        return self.options.alpha * distillation_kl(teacher, outputs.logits, mask, self.options.temperature)
+        total, count = distillation_kl(teacher, outputs.logits, mask, self.options.temperature)
+        return self.options.alpha * ctx.processes.mean(total, count)
 
     def after_task(self, ctx: Context, tasks) -> None:
         self.snapshot, self.params = [], []

@@ -18,7 +18,7 @@ from retain.loop import check_run, execute
 
 #: Dropout off: its masks are drawn per process, so with it two processes draw other masks
 #: than one (the only difference the split makes beyond float summation order).
-EXACT = {"lora": {"dropout": 0.0}, "train__max_steps": 3, "train__checkpoint_every": 1}
+EXACT = {"lora": {"dropout": 0.0}, "olora": {"dropout": 0.0}, "train__max_steps": 3, "train__checkpoint_every": 1}
 
 
 def torchrun(*args: str, script: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
@@ -58,9 +58,9 @@ def assert_same_run(one: dict, two: dict, dir_one: Path, dir_two: Path) -> None:
 
 
 @pytest.mark.parametrize("strategy", ["naive", "lora", "lora+replay", "ewc", "lora-per-task", "es", "lora+lwf",
-                                      "distill-replay"])
+                                      "distill-replay", "olora", "sparse"])
 def test_two_processes_give_the_one_process_run(tiny_config, tmp_path, strategy):
-    over = dict(strategy=strategy, **EXACT, **small_options(strategy))
+    over = {**EXACT, "strategy": strategy, **small_options(strategy)}  # sections a stack does not use are ignored
     if strategy == "es":  # an odd population: the processes score 2 and 1 members
         over["es"] = {**over["es"], "population": 3, "antithetic": False}
     one = execute(load_config(tiny_config("one", **over)), quiet=True)
@@ -115,7 +115,7 @@ def test_a_killed_two_process_run_resumes_to_the_one_process_result(tiny_config,
 
 @pytest.mark.parametrize("strategy, why", [("l2p", "key-matching loss is a mean over the batch"),
                                            ("grpo", "TRL's trainer"),
-                                           ("lora+sparse", "not been checked")])
+                                           ("lora-experts", "not been checked")])
 def test_a_strategy_that_cannot_split_its_work_is_refused(tiny_config, monkeypatch, strategy, why):
     monkeypatch.setenv("WORLD_SIZE", "2")
     cfg = load_config(tiny_config(strategy=strategy, **small_options(strategy)))

@@ -39,6 +39,7 @@ def orthogonality_penalty(previous: list[torch.Tensor], current: torch.Tensor) -
 class OLora(Strategy):
     name = "olora"
     not_private = "its orthogonality penalty acts on the weights, not per example, so DP-SGD would drop its gradient"
+    data_parallel = ""  # a penalty on the weights: 1/N of it on each process
     summary = "a LoRA per task kept orthogonal to earlier tasks' LoRAs; all adapters stay active (no routing)"
     options_key = "olora"
     Options = OLoraOptions
@@ -85,7 +86,7 @@ class OLora(Strategy):
             if o.lambda_l2:
                 term = term + o.lambda_l2 * (a.pow(2).sum() + layer.lora_B[cur].weight.pow(2).sum())
             total = term if total is None else total + term
-        return total
+        return None if total is None else ctx.processes.replicated(total)
 
     @torch.no_grad()
     def overlap(self, ctx: Context, name: str) -> float:

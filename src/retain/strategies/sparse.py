@@ -46,6 +46,9 @@ def top_percent_masks(scores: dict[str, torch.Tensor], percent: float) -> dict[s
 class Sparse(Strategy):
     name = "sparse"
     not_private = "its gradient masks rank weights by importance measured on private examples outside the noised step"
+    # Importance is measured on every process alike; the masks act on each process's gradients
+    # before they are summed.
+    data_parallel = ""
     summary = "only the top-k% most important weights (gradient magnitude or Fisher) update on each task"
     options_key = "sparse"
     Options = SparseOptions

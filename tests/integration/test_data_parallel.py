@@ -58,7 +58,8 @@ def assert_same_run(one: dict, two: dict, dir_one: Path, dir_two: Path) -> None:
 
 
 @pytest.mark.parametrize("strategy", ["naive", "lora", "lora+replay", "ewc", "lora-per-task", "es", "lora+lwf",
-                                      "distill-replay", "olora", "sparse"])
+                                      "distill-replay", "olora", "sparse", "lora-per-task+merge",
+                                      "adapter-per-task"])
 def test_two_processes_give_the_one_process_run(tiny_config, tmp_path, strategy):
     over = {**EXACT, "strategy": strategy, **small_options(strategy)}  # sections a stack does not use are ignored
     if strategy == "es":  # an odd population: the processes score 2 and 1 members

@@ -133,6 +133,7 @@ def load_adapter(model: torch.nn.Module, path: str | Path, name: str) -> Adapter
 class AdapterPerTask(Strategy):
     name = "adapter-per-task"
     not_private = "its task router keeps the mean embedding of each task's private inputs, without noise"
+    data_parallel = ""  # each task's adapter is initialized from the phase seed on every process
     summary = "Houlsby bottleneck adapters per task (identity at init), base frozen; routed when no task is given"
     not_exportable = "its Houlsby bottleneck adapters are modules of its own, not a PEFT format"
     options_key = "adapter"

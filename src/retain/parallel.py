@@ -105,16 +105,20 @@ class Processes:
                 size += t.numel()
 
     def sum_gradients(self, params: Sequence[torch.nn.Parameter]) -> None:
-        """Sum the gradients of ``params`` across processes; a process whose share of the
-        batch left a parameter without gradient contributes zeros."""
+        """Sum the gradients of ``params`` across processes. A parameter no process computed a
+        gradient for keeps none (the optimizer then skips it, as with one process: an expert
+        no example was routed to); one that only some processes reached gets zeros elsewhere."""
         if self.count == 1:
             return
-        for p in params:
+        reached = torch.tensor([float(p.grad is not None) for p in params], device=self.device)
+        dist.all_reduce(reached, op=dist.ReduceOp.SUM)
+        live = [p for p, n in zip(params, reached.tolist()) if n > 0]
+        for p in live:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         # Grouped by dtype: one flat buffer holds one dtype.
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-        for p in params:
+        for p in live:
             by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
         for grads in by_dtype.values():
             self.sum_tensors(grads)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from tests.conftest import run_figures, small_options
@@ -49,17 +50,21 @@ def assert_same_run(one: dict, two: dict, dir_one: Path, dir_two: Path) -> None:
         assert first2 == pytest.approx(first1, rel=1e-5) and last2 == pytest.approx(last1, rel=1e-5)
     w1, w2 = trained(dir_one), trained(dir_two)
     assert set(w2) == set(w1)
-    # Adam divides each gradient by its running scale, so summation-order noise in near-zero
-    # gradients becomes up to ~1e-5 of a weight after a few steps at lr 1e-2: 1% of one step.
-    for k in w1:
-        assert (w1[k] - w2[k]).abs().max().item() < 1e-4, k
+    # Adam moves an entry by about lr per step whatever its gradient's size, so summation-order
+    # noise in a near-zero gradient can move that entry by a fraction of a step (lr 1e-2 here):
+    # the few such entries stay within 5% of one step, and all but 1% agree to 1e-5. An error
+    # in the split (a share weighed wrongly, a reduction missed) moves most entries.
+    diffs = {k: (w1[k] - w2[k]).abs().flatten() for k in w1}
+    worst = max(diffs, key=lambda k: diffs[k].max().item())
+    assert diffs[worst].max().item() < 5e-4, worst
+    assert (torch.cat(list(diffs.values())) > 1e-5).float().mean().item() < 0.01
     # Only the main process wrote: the same files as one process, one copy each.
     assert files(dir_two) == files(dir_one)
 
 
 @pytest.mark.parametrize("strategy", ["naive", "lora", "lora+replay", "ewc", "lora-per-task", "es", "lora+lwf",
                                       "distill-replay", "olora", "sparse", "lora-per-task+merge",
-                                      "adapter-per-task"])
+                                      "adapter-per-task", "lora-experts", "generative-replay"])
 def test_two_processes_give_the_one_process_run(tiny_config, tmp_path, strategy):
     over = {**EXACT, "strategy": strategy, **small_options(strategy)}  # sections a stack does not use are ignored
     if strategy == "es":  # an odd population: the processes score 2 and 1 members
@@ -116,7 +121,7 @@ def test_a_killed_two_process_run_resumes_to_the_one_process_result(tiny_config,
 
 @pytest.mark.parametrize("strategy, why", [("l2p", "key-matching loss is a mean over the batch"),
                                            ("grpo", "TRL's trainer"),
-                                           ("lora-experts", "not been checked")])
+                                           ("lora+mir", "virtual update and retrieval")])
 def test_a_strategy_that_cannot_split_its_work_is_refused(tiny_config, monkeypatch, strategy, why):
     monkeypatch.setenv("WORLD_SIZE", "2")
     cfg = load_config(tiny_config(strategy=strategy, **small_options(strategy)))
@@ -141,3 +146,10 @@ def test_a_sharded_launch_is_refused_rather_than_run_unsharded(tiny_config, monk
     monkeypatch.setenv(f"ACCELERATE_USE_{engine}", "true")
     with pytest.raises(RetainError, match=f"does not shard models with {engine} yet"):
         check_run(load_config(tiny_config()))
+
+
+def test_every_strategy_is_reviewed_for_data_parallel_runs():
+    from retain.strategies import registry
+
+    unreviewed = sorted(n for n, c in registry().items() if c.data_parallel is None)
+    assert not unreviewed, f"declare data_parallel ('' or the reason) for: {unreviewed}"

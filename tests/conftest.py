@@ -28,6 +28,11 @@ def task_rows(kind: str, n: int) -> list[dict]:
 @pytest.fixture
 def tiny_config(tmp_path: Path):
     """Write a two-task config on tiny-random and return a function making variants of it."""
+    return tiny_configs(tmp_path)
+
+
+def tiny_configs(tmp_path: Path):
+    """``tiny_config`` for any folder (a module-scoped fixture has no ``tmp_path``)."""
     a_train = write_jsonl(tmp_path / "a_train.jsonl", task_rows("upper", 16))
     a_test = write_jsonl(tmp_path / "a_test.jsonl", task_rows("upper", 6))
     b_train = write_jsonl(tmp_path / "b_train.jsonl", task_rows("choice", 10))

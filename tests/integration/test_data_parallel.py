@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import run_figures, small_options
+from tests.conftest import run_figures, small_options, tiny_configs
 from retain.config import load_config
 from retain.errors import RetainError
 from retain.loop import check_run, execute
@@ -22,12 +22,13 @@ from retain.loop import check_run, execute
 EXACT = {"lora": {"dropout": 0.0}, "olora": {"dropout": 0.0}, "train__max_steps": 3, "train__checkpoint_every": 1}
 
 
-def torchrun(*args: str, script: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
+def torchrun(*args: str, script: Path | None = None, check: bool = True,
+             env: dict | None = None) -> subprocess.CompletedProcess:
     """Two processes on this machine, one thread each, as `torchrun --standalone` starts them."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     target = [str(script)] if script is not None else ["-m", "retain.cli"]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           *target, *args], capture_output=True, text=True, env=env, timeout=600)
+                           *target, *args], capture_output=True, text=True, env=env, timeout=900)
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -62,16 +63,47 @@ def assert_same_run(one: dict, two: dict, dir_one: Path, dir_two: Path) -> None:
     assert files(dir_two) == files(dir_one)
 
 
-@pytest.mark.parametrize("strategy", ["naive", "lora", "lora+replay", "ewc", "lora-per-task", "es", "lora+lwf",
-                                      "distill-replay", "olora", "sparse", "lora-per-task+merge",
-                                      "adapter-per-task", "lora-experts", "generative-replay"])
-def test_two_processes_give_the_one_process_run(tiny_config, tmp_path, strategy):
+#: Every strategy that splits its work, run once with 2 processes and once with one.
+SPLIT = ["naive", "lora", "lora+replay", "ewc", "lora-per-task", "es", "lora+lwf", "distill-replay", "olora", "sparse",
+         "lora-per-task+merge", "adapter-per-task", "lora-experts", "generative-replay"]
+
+RUN_ALL = '''
+import sys
+from retain.config import load_config
+from retain.loop import execute
+
+for path in sys.argv[1:]:  # one launch for every config: the processes start once
+    execute(load_config(path), quiet=True)
+'''
+
+
+def overrides(strategy: str) -> dict:
     over = {**EXACT, "strategy": strategy, **small_options(strategy)}  # sections a stack does not use are ignored
     if strategy == "es":  # an odd population: the processes score 2 and 1 members
         over["es"] = {**over["es"], "population": 3, "antithetic": False}
-    one = execute(load_config(tiny_config("one", **over)), quiet=True)
-    torchrun("run", str(tiny_config("two", **over)), "--quiet")
-    dir_one, dir_two = tmp_path / "runs" / "one", tmp_path / "runs" / "two"
+    return over
+
+
+def run_name(strategy: str) -> str:
+    return strategy.replace("+", "_")
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(tmp_path_factory) -> Path:
+    """Every SPLIT strategy's 2-process run, all in one torchrun launch; their runs' folder."""
+    folder = tmp_path_factory.mktemp("split")
+    make = tiny_configs(folder)
+    configs = [str(make(f"two-{run_name(s)}", **overrides(s))) for s in SPLIT]
+    script = folder / "run_all.py"
+    script.write_text(RUN_ALL)
+    torchrun(*configs, script=script, env={"HF_HUB_OFFLINE": "1", "RETAIN_CACHE_DIR": str(folder / "cache")})
+    return folder / "runs"
+
+
+@pytest.mark.parametrize("strategy", SPLIT)
+def test_two_processes_give_the_one_process_run(tiny_config, tmp_path, two_process_runs, strategy):
+    one = execute(load_config(tiny_config("one", **overrides(strategy))), quiet=True)
+    dir_one, dir_two = tmp_path / "runs" / "one", two_process_runs / f"two-{run_name(strategy)}"
     two = json.loads((dir_two / "results.json").read_text())
     assert one["num_processes"] == 1 and two["num_processes"] == 2
     assert all(t["num_processes"] == 2 for t in two["timings"])

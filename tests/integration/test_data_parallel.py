@@ -4,6 +4,7 @@ resumes; what cannot split its work is refused before anything runs."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from safetensors.torch import load_file
 from tests.conftest import run_figures, small_options, tiny_configs
 from retain.config import load_config
 from retain.errors import RetainError
-from retain.loop import check_run, execute
+from retain.loop import check_run, execute, load_run_config
 
 #: Dropout off: its masks are drawn per process, so with it two processes draw other masks
 #: than one (the only difference the split makes beyond float summation order).
@@ -146,9 +147,15 @@ def test_a_killed_two_process_run_resumes_to_the_one_process_result(tiny_config,
     assert not (run_dir / "results.json").exists()
     state = json.loads((run_dir / "checkpoints" / "state.json").read_text())
     assert state["completed_phases"] == 1  # the first phase was kept
+    # The checkpoint holds nothing per process: it resumes with 2 processes, or with one.
+    alone = tmp_path / "runs" / "alone"
+    shutil.copytree(run_dir, alone)
     torchrun("run", "--resume", str(run_dir), "--quiet")
     two = json.loads((run_dir / "results.json").read_text())
     assert_same_run(one, two, tmp_path / "runs" / "one", run_dir)
+    resumed_alone = execute(load_run_config(alone), run_dir=alone, resume=True, quiet=True)
+    assert resumed_alone["num_processes"] == 1
+    assert_same_run(one, resumed_alone, tmp_path / "runs" / "one", alone)
 
 
 @pytest.mark.parametrize("strategy, why", [("l2p", "key-matching loss is a mean over the batch"),

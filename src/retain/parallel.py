@@ -168,8 +168,8 @@ def check(config: Any, stack: Any, processes: int) -> None:
         raise RetainError(f"strategy '{s.name}' cannot run data-parallel: {why}; {launched}. Strategies that can: "
                           f"{', '.join(works)}; or launch `retain run` as one process")
     if config.train.batch_size < processes:
-        raise RetainError(f"train.batch_size: {config.train.batch_size} cannot give each of the {processes} processes an "
-                          f"example of every batch; {launched}. Use a batch of at least {processes}")
+        raise RetainError(f"train.batch_size: {config.train.batch_size} cannot give each of the {processes} "
+                          f"processes an example of every batch; {launched}. Use a batch of at least {processes}")
     refused = [
         (config.online is not None, "online", "online mode scores and trains batch by batch in one process"),
         (config.privacy is not None, "privacy", "DP-SGD's per-example clipping and noise are not split across "

@@ -91,7 +91,11 @@ def run(
     gpus_per_run: float = typer.Option(0, "--gpus-per-run", min=0,
                                        help="GPUs each dispatched run asks of its node."),
 ) -> None:
-    """Train the stream, score every task after each one, write runs/<name>/ with results and report."""
+    """Train the stream, score every task after each one, write runs/<name>/ with results and report.
+
+    Data-parallel: `torchrun --standalone --nproc_per_node N -m retain.cli run CONFIG`.
+
+    It splits each batch and each evaluation over N processes (README: Data-parallel runs)."""
     from retain.config import load_config
     from retain.loop import execute, load_run_config, run_dir_for
     from retain.seeds import run_seeds

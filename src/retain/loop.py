@@ -289,35 +289,10 @@ class Run:
 
     def gradient_step(self, ctx: Context, stack: StrategyStack, items: list, params: list, optimizer,
                       scheduler) -> tuple[float, int]:
-        """One optimizer step on a batch; returns the loss and the batch's token count."""
-        cfg, processes = self.config.train, ctx.processes
-        if processes.count > 1:
-            return self.shared_gradient_step(ctx, stack, items, params, optimizer, scheduler)
-        batch = collate(ctx.tokenizer, items, cfg.max_length)
-        batch = {k: v.to(ctx.accelerator.device) for k, v in batch.items()}
-        with ctx.accelerator.autocast():
-            outputs = ctx.model(**batch)
-            # A batch of only strategy-scored items (distillation) has no LM loss.
-            has_labels = bool((batch["labels"] != -100).any())
-            loss = outputs.loss if has_labels else outputs.logits.sum() * 0.0
-            extra = stack.extra_loss(ctx, batch, outputs, items)
-            if extra is not None:
-                loss = loss + extra
-        ctx.accelerator.backward(loss)
-        self.optimizer_step(ctx, params, optimizer, scheduler)
-        return loss.item(), int(batch["attention_mask"].sum())
+        """One optimizer step on a batch; returns the loss and the batch's token count.
 
-    def optimizer_step(self, ctx: Context, params: list, optimizer, scheduler) -> None:
-        if self.config.train.max_grad_norm:
-            ctx.accelerator.clip_grad_norm_(params, self.config.train.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    def shared_gradient_step(self, ctx: Context, stack: StrategyStack, items: list, params: list, optimizer,
-                             scheduler) -> tuple[float, int]:
-        """The step of a data-parallel run: this process's share of the global batch, its
-        token losses divided by the global count of target tokens, the gradients summed over
+        In a data-parallel run this process trains on its share of the global batch, its token
+        losses divided by the global count of target tokens, and the gradients are summed over
         processes, so the update is the one-process update on the whole batch. Each strategy's
         extra loss is this process's part of its term (see ``Strategy.extra_loss``)."""
         processes = ctx.processes
@@ -328,19 +303,27 @@ class Run:
         share = processes.share(items)
         batch = collate(ctx.tokenizer, share, self.config.train.max_length)
         batch = {k: v.to(ctx.accelerator.device) for k, v in batch.items()}
-        # The loss function shifts labels by one: the targets are labels[:, 1:].
-        targets = int((batch["labels"][:, 1:] != -100).sum())
-        global_targets = processes.sum(targets)[0]
+        split = {}
+        if processes.count > 1:
+            # transformers' loss divides the summed token losses by num_items_in_batch; the loss
+            # function shifts labels by one, so the targets are labels[:, 1:].
+            targets = processes.sum(int((batch["labels"][:, 1:] != -100).sum()))[0]
+            split["num_items_in_batch"] = max(int(targets), 1)
         with ctx.accelerator.autocast():
-            # transformers' loss divides the summed token losses by num_items_in_batch.
-            outputs = ctx.model(**batch, num_items_in_batch=max(int(global_targets), 1))
-            loss = outputs.loss if targets else outputs.logits.sum() * 0.0
+            outputs = ctx.model(**batch, **split)
+            # A batch of only strategy-scored items (distillation) has no LM loss.
+            has_labels = bool((batch["labels"] != -100).any())
+            loss = outputs.loss if has_labels else outputs.logits.sum() * 0.0
             extra = stack.extra_loss(ctx, batch, outputs, share)
             if extra is not None:
                 loss = loss + extra
         ctx.accelerator.backward(loss)
         processes.sum_gradients(params)
-        self.optimizer_step(ctx, params, optimizer, scheduler)
+        if self.config.train.max_grad_norm:
+            ctx.accelerator.clip_grad_norm_(params, self.config.train.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
         value, tokens = processes.sum(loss.item(), int(batch["attention_mask"].sum()))
         return value, int(tokens)
 

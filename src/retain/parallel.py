@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 from itertools import chain
-from typing import Any, Sequence, TypeVar
+from typing import Any, Iterator, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -44,21 +44,12 @@ class Processes:
         # Where collectives' tensors live (NCCL reduces CUDA tensors only).
         self.device = accelerator.device if accelerator is not None else torch.device("cpu")
 
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def bounds(self, n: int, rank: int | None = None) -> tuple[int, int]:
-        """The contiguous share [start, stop) of n items that ``rank`` (default: this one) takes;
-        shares differ in size by at most one, the first ones taking the extra items."""
-        rank = self.rank if rank is None else rank
-        base, extra = divmod(n, self.count)
-        start = rank * base + min(rank, extra)
-        return start, start + base + (1 if rank < extra else 0)
-
     def share(self, items: Sequence[T]) -> list[T]:
-        start, stop = self.bounds(len(items))
-        return list(items[start:stop])
+        """This process's contiguous share of ``items``; shares differ in size by at most one,
+        the first processes taking the extra items."""
+        base, extra = divmod(len(items), self.count)
+        start = self.rank * base + min(self.rank, extra)
+        return list(items[start:start + base + (1 if self.rank < extra else 0)])
 
     def gather(self, part: list[T]) -> list[T]:
         """Every process's ``share`` results, concatenated in rank order (the original order)."""
@@ -87,22 +78,13 @@ class Processes:
 
     def sum_tensors(self, tensors: Sequence[torch.Tensor]) -> None:
         """Sum tensors in place across processes, in flattened buckets."""
-        if self.count == 1 or not tensors:
+        if self.count == 1:
             return
-        bucket: list[torch.Tensor] = []
-        size = 0
-        for t in list(tensors) + [None]:
-            if t is None or (bucket and size + t.numel() > BUCKET):
-                flat = torch.cat([b.reshape(-1) for b in bucket])
-                dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-                offset = 0
-                for b in bucket:
-                    b.copy_(flat[offset:offset + b.numel()].view_as(b))
-                    offset += b.numel()
-                bucket, size = [], 0
-            if t is not None:
-                bucket.append(t)
-                size += t.numel()
+        for bucket in buckets(tensors):
+            flat = torch.cat([t.reshape(-1) for t in bucket])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            for t, part in zip(bucket, flat.split([t.numel() for t in bucket])):
+                t.copy_(part.view_as(t))
 
     def sum_gradients(self, params: Sequence[torch.nn.Parameter]) -> None:
         """Sum the gradients of ``params`` across processes. A parameter no process computed a
@@ -127,11 +109,22 @@ class Processes:
         if self.count > 1:
             dist.barrier()
 
-    def record(self) -> dict[str, Any]:
-        return {"num_processes": self.count}
-
 
 SINGLE = Processes()
+
+
+def buckets(tensors: Sequence[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
+    """Consecutive groups of at most BUCKET elements (a tensor larger than that alone)."""
+    bucket: list[torch.Tensor] = []
+    size = 0
+    for t in tensors:
+        if bucket and size + t.numel() > BUCKET:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(t)
+        size += t.numel()
+    if bucket:
+        yield bucket
 
 
 def launched_processes() -> int:

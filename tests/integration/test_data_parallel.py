@@ -118,7 +118,7 @@ KILL = '''
 import sys
 import retain.loop as loop
 
-real, calls = loop.Run.shared_gradient_step, []
+real, calls = loop.Run.gradient_step, []
 
 
 def dying(self, ctx, *args):
@@ -128,7 +128,7 @@ def dying(self, ctx, *args):
     return real(self, ctx, *args)
 
 
-loop.Run.shared_gradient_step = dying
+loop.Run.gradient_step = dying
 from retain.cli import main
 
 sys.argv = ["retain", *sys.argv[1:]]

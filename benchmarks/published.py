@@ -45,7 +45,7 @@ PUBLISHED = {
 #: The same budget for every method (per task); ``--steps`` etc. change it for a whole suite.
 BUDGET = {
     "standard-cl": {"steps": 40, "max_train": 400, "max_test": 30, "probe_max": 30},
-    "trace": {"steps": 40, "max_train": 400, "max_test": 20, "probe_max": 30},
+    "trace": {"steps": 40, "max_train": 400, "max_test": 20, "probe_max": 30, "eval_max_length": 1024},
 }
 PROBES = "[arc-easy,piqa,hellaswag,mmlu]"
 
@@ -53,7 +53,8 @@ PROBES = "[arc-easy,piqa,hellaswag,mmlu]"
 def overrides(suite: str, name: str, budget: dict) -> list[str]:
     return [f"name={name}", f"stream.name={suite}", f"stream.max_train={budget['max_train']}",
             f"stream.max_test={budget['max_test']}", f"train.max_steps={budget['steps']}", "train.warmup_steps=4",
-            f"eval.probe={PROBES}", f"eval.probe_max={budget['probe_max']}", "train.checkpoint_every=10"]
+            f"eval.probe={PROBES}", f"eval.probe_max={budget['probe_max']}", "train.checkpoint_every=10",
+            *([f"eval.max_length={budget['eval_max_length']}"] if "eval_max_length" in budget else [])]
 
 
 def run(suite: str, name: str, config: str, budget: dict, out: Path) -> dict:

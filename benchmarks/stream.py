@@ -77,9 +77,10 @@ ONLINE = {
 ONLINE_NUMBERS = ["online.passes=3", "online.eval_every=200"]
 #: standard-cl in online mode, capped for 2 CPU cores: 100 training examples per task (each batch
 #: trained 3 times), every task scored every 50 examples on 50 test items, the config's four probes
-#: at the hidden boundaries.
+#: at the hidden boundaries; a checkpoint every 10 steps (a step is ~25 s here, and a session's end
+#: kills the run; checkpoints do not change results).
 ONLINE_CL = ["stream={name: standard-cl, order: 1, max_train: 100, max_test: 50}", "online.passes=3",
-             "online.eval_every=50",
+             "online.eval_every=50", "train.checkpoint_every=10",
              "eval.probe=[arc-easy,piqa,hellaswag,mmlu]"]
 SUITES["online"] = [f"online-{m}" for m in ONLINE] + [f"online-cl-{m}" for m in ONLINE]
 #: Every privacy run scores the probe on 50 seeded items per suite and runs the membership check.

@@ -149,6 +149,9 @@ class EvalConfig(_Strict):
     probe_choice_norm: bool = Field(default=False, description="score the probe by acc_norm instead of acc")
     harness: HarnessConfig | None = Field(default=None, description="also score with lm-evaluation-harness")
     max_new_tokens: int = Field(default=16, ge=1)
+    max_length: int | None = Field(default=None, ge=2, description="longest sequence scoring feeds the model "
+                                   "(prompt and answer); longer prompts are cut from the left, as "
+                                   "lm-evaluation-harness cuts them. Default: the model's positions")
     probe: bool | str | list[str] = Field(default=True, description="general-ability probes scored after every "
                                          "task: true (the default suite), false, or names among mmlu, arc-easy, "
                                          "arc-challenge, hellaswag, piqa, csqa, boolq, gsm8k, facts")

@@ -48,6 +48,9 @@ class ModelWrapper(torch.nn.Module):
     """A module around a transformers model whose other attributes (config,
     generation_config, ...) read through to it, so the loop and scorers can use either."""
 
+    #: Positions the wrapper adds in front of every input (soft prompts): scoring leaves room for them.
+    added_positions: int = 0
+
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
         self.base = model

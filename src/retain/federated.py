@@ -158,7 +158,8 @@ def train_client(config_text: str, client: int, phase: int, round_: int, weights
                               "state": json.dumps(stack.state_dict())}
     if score:  # the client's own last local model on every task
         report["scores"] = [evaluate_task(ctx.model, ctx.tokenizer, t, batch_size=config.eval.batch_size,
-                                          max_new_tokens=config.eval.max_new_tokens).value
+                                          max_new_tokens=config.eval.max_new_tokens,
+                                          max_length=config.eval.max_length).value
                             for t in ctx.stream.tasks]
     return adapter(ctx.model), report
 

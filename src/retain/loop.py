@@ -98,7 +98,7 @@ class Run:
                 with route(None if is_probe else task.name):
                     result = evaluate_task(ctx.model, ctx.tokenizer, task, batch_size=cfg.batch_size,
                                            max_new_tokens=cfg.max_new_tokens, advance=advance,
-                                           processes=ctx.processes)
+                                           processes=ctx.processes, max_length=cfg.max_length)
                 details[task.name] = {"value": result.value, "n": result.n, "stderr": result.stderr,
                                       **result.scores}
                 if result.items is not None:
@@ -266,7 +266,7 @@ class Run:
     def item_scores(self, ctx: Context, task: Task, examples: list) -> list[float]:
         """Each example's score under the model as it is (its task's own metric)."""
         result = evaluate_task(ctx.model, ctx.tokenizer, task, examples, batch_size=self.config.eval.batch_size,
-                               max_new_tokens=self.config.eval.max_new_tokens)
+                               max_new_tokens=self.config.eval.max_new_tokens, max_length=self.config.eval.max_length)
         ctx.model.train()
         return result.items if result.items is not None else [result.value] * len(examples)
 

@@ -78,7 +78,7 @@ def agnostic_evaluation(ctx, stack, router: TaskRouter, advance: Callable[[int],
             group = [ex for ex, p in zip(examples, predicted) if p == target]
             with stack.route(ctx, target):
                 value = score_task(ctx.model, ctx.tokenizer, task, group, batch_size=cfg.batch_size,
-                                   max_new_tokens=cfg.max_new_tokens)
+                                   max_new_tokens=cfg.max_new_tokens, max_length=cfg.max_length)
             total += value * len(group)
         scores[task.name] = round(total / len(examples), 4)
         if advance:

@@ -81,11 +81,12 @@ class UpdateTracker:
         ev = ctx.config.eval
         if score and o.tasks:
             record["scores"] = {t.name: score_task(ctx.model, ctx.tokenizer, t, batch_size=ev.batch_size,
-                                                   max_new_tokens=ev.max_new_tokens) for t in ctx.stream.tasks}
+                                                   max_new_tokens=ev.max_new_tokens, max_length=ev.max_length)
+                                for t in ctx.stream.tasks}
         if score and o.probe and ctx.stream.probes:
             # The probes' mean, as the phase-end evaluations record it.
             values = [score_task(ctx.model, ctx.tokenizer, p, batch_size=ev.batch_size,
-                                 max_new_tokens=ev.max_new_tokens) for p in ctx.stream.probes]
+                                 max_new_tokens=ev.max_new_tokens, max_length=ev.max_length) for p in ctx.stream.probes]
             record["probe"] = sum(values) / len(values)
         record["seconds"] = round(time.perf_counter() - start, 3)
         return record

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import math
 from dataclasses import dataclass
 import re
@@ -20,6 +21,7 @@ from retain.streams.task import GENERATED, Example, Task
 from retain.parallel import SINGLE, Processes
 
 Advance = Callable[[int], None]
+log = logging.getLogger(__name__)
 
 
 def _noop(_: int) -> None:
@@ -39,6 +41,34 @@ def eval_mode(model) -> Iterator[None]:
 
 def _device(model) -> torch.device:
     return next(model.parameters()).device
+
+
+def context_limit(model, max_length: int | None = None) -> int | None:
+    """The longest sequence scoring may feed ``model``: ``max_length`` (``eval.max_length``) or
+    the model's positions less those a wrapper adds (soft prompts), whichever is smaller.
+
+    Beyond its positions a model either fails (learned position embeddings) or reads
+    positions it never trained on (RoPE), so longer prompts are cut from the left, as
+    lm-evaluation-harness cuts them: the end of a prompt holds the question and the answer cue."""
+    config = getattr(model, "config", None)
+    positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(positions, int):
+        positions -= int(getattr(model, "added_positions", 0) or 0)
+    limits = [v for v in (max_length, positions) if isinstance(v, int) and v > 0]
+    return min(limits) if limits else None
+
+
+def cut_prompts(encoded: list[list[int]], limit: int | None, what: str) -> list[list[int]]:
+    """Each prompt's last ``limit`` tokens; says once how many were longer."""
+    if limit is None:
+        return encoded
+    limit = max(limit, 1)
+    long = sum(len(ids) > limit for ids in encoded)
+    if long:
+        log.warning("%s: %d of %d prompts are longer than %d tokens and were cut from the left "
+                    "(eval.max_length or the model's positions, less the answer's tokens)", what, long,
+                    len(encoded), limit)
+    return [ids[-limit:] for ids in encoded]
 
 
 def encode_pair(tokenizer, prompt: str, continuation: str, max_length: int | None = None) -> tuple[list[int], int]:
@@ -84,7 +114,8 @@ def _token_logprobs(logits: torch.Tensor, rows: list[int], cols: list[int], targ
 
 @torch.no_grad()
 def continuation_logprobs(
-    model, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int = 32, advance: Advance = _noop
+    model, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int = 32, advance: Advance = _noop,
+    max_length: int | None = None,
 ) -> list[tuple[float, int]]:
     """Sum of log p(continuation | prompt) and its token count, for each pair.
 
@@ -92,13 +123,21 @@ def continuation_logprobs(
     last columns and only those columns' logits are computed (``logits_to_keep``). Wrappers
     that rewrite the input (l2p's soft prompts) get right-padded rows as they expect. Either
     way only the continuation positions are normalized, never the whole vocabulary at every
-    position."""
+    position. A pair longer than ``context_limit`` loses the start of its prompt."""
+    limit = context_limit(model, max_length)
+    encoded = [encode_pair(tokenizer, p, c, limit) for p, c in pairs]
+    return encoded_logprobs(model, encoded, tokenizer.pad_token_id, batch_size, advance)
+
+
+@torch.no_grad()
+def encoded_logprobs(model, encoded: Sequence[tuple[list[int], int]], pad: int, batch_size: int = 32,
+                     advance: Advance = _noop) -> list[tuple[float, int]]:
+    """``continuation_logprobs`` of token ids: (sequence, length of its continuation) each."""
     from retain.embeddings import ModelWrapper
 
-    encoded = [encode_pair(tokenizer, p, c) for p, c in pairs]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
     out: list[tuple[float, int]] = [(0.0, 0)] * len(encoded)
-    device, pad = _device(model), tokenizer.pad_token_id
+    device = _device(model)
     lean = not isinstance(model, ModelWrapper)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
@@ -227,26 +266,30 @@ def _packed_continuations(model, cache, prompt_mask: torch.Tensor, options: list
 
 
 def choice_logliks(model, tokenizer, task: Task, examples: Sequence[Example], batch_size: int = 32,
-                   advance: Advance = _noop, shared_prefix: bool | None = None) -> list[list[float]]:
+                   advance: Advance = _noop, shared_prefix: bool | None = None,
+                   max_length: int | None = None) -> list[list[float]]:
     """Log-likelihood of each option of each example (the answer as the task renders it).
 
     ``shared_prefix``: encode each prompt once for all its options (None: wherever the
-    model allows it, see ``prefix_cache_ok``); False scores each option as a whole sequence."""
+    model allows it, see ``prefix_cache_ok``); False scores each option as a whole sequence.
+    Prompts are cut from the left so that prompt and longest option fit ``context_limit``."""
     prompts = [tokenizer(task.prompt(tokenizer, ex), add_special_tokens=True)["input_ids"] for ex in examples]
+    options = [[tokenizer(task.target(o), add_special_tokens=False)["input_ids"] for o in ex.options or ()]
+               for ex in examples]
+    limit = context_limit(model, max_length)
+    if limit is not None:
+        longest = max((len(o) for opts in options for o in opts), default=0)
+        prompts = cut_prompts(prompts, limit - longest, f"task {task.name}")
     if shared_prefix is None:
         shared_prefix = prefix_cache_ok(model, prompts)
     if shared_prefix:
-        options = [[tokenizer(task.target(o), add_special_tokens=False)["input_ids"] for o in ex.options or ()]
-                   for ex in examples]
         return shared_prefix_logliks(model, prompts, options, tokenizer.pad_token_id, batch_size, advance)
-    pairs, owners = [], []
-    for k, ex in enumerate(examples):
-        prompt = task.prompt(tokenizer, ex)
-        for option in ex.options or ():
-            pairs.append((prompt, task.target(option)))
-            owners.append(k)
+    # Every option after the same (cut) prompt, each as a whole sequence.
+    encoded = [(prompt + o, len(o) if prompt else max(len(o) - 1, 0))  # as encode_pair counts
+               for prompt, opts in zip(prompts, options) for o in opts]
+    owners = [k for k, opts in enumerate(options) for _ in opts]
     out: list[list[float]] = [[] for _ in examples]
-    for owner, (lp, _) in zip(owners, continuation_logprobs(model, tokenizer, pairs, batch_size, advance)):
+    for owner, (lp, _) in zip(owners, encoded_logprobs(model, encoded, tokenizer.pad_token_id, batch_size, advance)):
         out[owner].append(lp)
     return out
 
@@ -334,10 +377,14 @@ def normalize(text: str) -> str:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 16, batch_size: int = 32,
-             advance: Advance = _noop) -> list[str]:
-    """Greedy answers, left-padded batches, decoded without special tokens."""
+             advance: Advance = _noop, max_length: int | None = None, what: str = "generation") -> list[str]:
+    """Greedy answers, left-padded batches, decoded without special tokens. A prompt is cut
+    from the left so that it and ``max_new_tokens`` fit ``context_limit``."""
     device = _device(model)
     encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    limit = context_limit(model, max_length)
+    if limit is not None:
+        encoded = cut_prompts(encoded, limit - max_new_tokens, what)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     answers = [""] * len(prompts)
     pad = tokenizer.pad_token_id
@@ -356,7 +403,8 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 16,
 
 
 def evaluate_task(model, tokenizer, task: Task, examples: Sequence[Example] | None = None, *, batch_size: int = 32,
-                  max_new_tokens: int = 16, advance: Advance = _noop, processes: Processes = SINGLE) -> TaskScore:
+                  max_new_tokens: int = 16, advance: Advance = _noop, processes: Processes = SINGLE,
+                  max_length: int | None = None) -> TaskScore:
     """The task's score with its standard error (and, for choice tasks, both acc and acc_norm).
 
     In a data-parallel run each process scores its share of the items and the raw answers
@@ -369,7 +417,8 @@ def evaluate_task(model, tokenizer, task: Task, examples: Sequence[Example] | No
     share = processes.share(examples)
     with eval_mode(model):
         if task.metric == "choice":
-            logliks = processes.gather(choice_logliks(model, tokenizer, task, share, batch_size, advance))
+            logliks = processes.gather(choice_logliks(model, tokenizer, task, share, batch_size, advance,
+                                                      max_length=max_length))
             gold = [ex.answer_index for ex in examples]
             picks = {key: [pick(lls, ex.options, key == "acc_norm") for lls, ex in zip(logliks, examples)]
                      for key in ("acc", "acc_norm")}
@@ -382,22 +431,22 @@ def evaluate_task(model, tokenizer, task: Task, examples: Sequence[Example] | No
             prompts = [task.prompt(tokenizer, ex) for ex in share]
             # A task's own answer length (a summary) wins over the run's default (a label).
             answers = processes.gather(generate(model, tokenizer, prompts, task.max_new_tokens or max_new_tokens,
-                                                batch_size, advance))
+                                                batch_size, advance, max_length, f"task {task.name}"))
             values = [item_score(task.metric, a, ex) for a, ex in zip(answers, examples)]
             mean = sum(values) / n
             return TaskScore(mean, n, mean_stderr(values), {task.metric: mean}, values, answers)
         pairs = [(task.prompt(tokenizer, ex) if ex.input else "", task.target(ex.output)) for ex in share]
-        scores = processes.gather(continuation_logprobs(model, tokenizer, pairs, batch_size, advance))
+        scores = processes.gather(continuation_logprobs(model, tokenizer, pairs, batch_size, advance, max_length))
         nll, count = -sum(s for s, _ in scores), sum(n for _, n in scores)
         ppl = math.exp(nll / max(count, 1))
         return TaskScore(ppl, n, None, {"perplexity": ppl})
 
 
 def score_task(model, tokenizer, task: Task, examples: Sequence[Example] | None = None, *, batch_size: int = 32,
-               max_new_tokens: int = 16, advance: Advance = _noop) -> float:
+               max_new_tokens: int = 16, advance: Advance = _noop, max_length: int | None = None) -> float:
     """The task's score: accuracy in percent, or perplexity for ``perplexity`` tasks."""
     return evaluate_task(model, tokenizer, task, examples, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                         advance=advance).value
+                         advance=advance, max_length=max_length).value
 
 
 def work_units(task: Task, n_examples: int, processes: Processes = SINGLE) -> int:

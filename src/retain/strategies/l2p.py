@@ -45,6 +45,7 @@ class PromptPool(ModelWrapper):
     def __init__(self, model: torch.nn.Module, options: L2POptions, task_names: list[str]) -> None:
         super().__init__(model)
         self.options = options
+        self.added_positions = options.top_n * options.prompt_length
         per_task = options.pool_size // len(task_names)
         if per_task < options.top_n:
             raise ValueError(f"l2p.pool_size {options.pool_size} gives {per_task} prompts per task for "

@@ -42,10 +42,12 @@ PUBLISHED = {
     "standard-cl": {"SeqFT": "18.9", "SeqLoRA": "44.6", "O-LoRA": "75.4", "PerTaskFT": "70.0", "MTL": "80.0"},
     "trace": {"SeqFT": "48.7 / -8.3", "LoRA": "12.7 / -45.7", "Replay": "55.5 / +2.6"},
 }
-#: The same budget for every method (per task); ``--steps`` etc. change it for a whole suite.
+#: The same budget for every method (per task). bf16 mixed precision: on a CPU with bf16
+#: instructions (AVX512-BF16 here) it halves a run's time (benchmarks/results/cpu-precision.md).
 BUDGET = {
-    "standard-cl": {"steps": 40, "max_train": 400, "max_test": 30, "probe_max": 30},
-    "trace": {"steps": 40, "max_train": 400, "max_test": 20, "probe_max": 30, "eval_max_length": 1024},
+    "standard-cl": {"steps": 40, "max_train": 400, "max_test": 30, "probe_max": 30, "precision": "bf16"},
+    "trace": {"steps": 40, "max_train": 400, "max_test": 20, "probe_max": 30, "eval_max_length": 1024,
+              "precision": "bf16"},
 }
 PROBES = "[arc-easy,piqa,hellaswag,mmlu]"
 
@@ -54,6 +56,7 @@ def overrides(suite: str, name: str, budget: dict) -> list[str]:
     return [f"name={name}", f"stream.name={suite}", f"stream.max_train={budget['max_train']}",
             f"stream.max_test={budget['max_test']}", f"train.max_steps={budget['steps']}", "train.warmup_steps=4",
             f"eval.probe={PROBES}", f"eval.probe_max={budget['probe_max']}", "train.checkpoint_every=10",
+            f"train.precision={budget['precision']}",
             *([f"eval.max_length={budget['eval_max_length']}"] if "eval_max_length" in budget else [])]
 
 
@@ -122,7 +125,7 @@ def main() -> None:
         f"# `{args.suite}` re-measured on SmolLM2-135M-Instruct", "",
         f"{m['device']}, {m['torch_threads']} threads, {m['date']}; one seed (0). Every method: its shipped config "
         f"(`configs/<run>.yaml`) on `stream: {args.suite}` (default order) with {budget['steps']} steps of batch 8 "
-        f"per task, {budget['max_train']} train and {budget['max_test']} test items per task (seeded, "
+        f"per task in {budget['precision']} mixed precision, {budget['max_train']} train and {budget['max_test']} test items per task (seeded, "
         f"label-stratified), probes {PROBES} at {budget['probe_max']} items each. At {budget['max_test']} items a "
         f"task score's standard error is up to {50 / budget['max_test'] ** 0.5:.0f} points.", "",
         *table(args.suite, ordered), "",

@@ -125,7 +125,8 @@ def main() -> None:
         f"# `{args.suite}` re-measured on SmolLM2-135M-Instruct", "",
         f"{m['device']}, {m['torch_threads']} threads, {m['date']}; one seed (0). Every method: its shipped config "
         f"(`configs/<run>.yaml`) on `stream: {args.suite}` (default order) with {budget['steps']} steps of batch 8 "
-        f"per task in {budget['precision']} mixed precision, {budget['max_train']} train and {budget['max_test']} test items per task (seeded, "
+        f"per task in {budget['precision']} mixed precision, {budget['max_train']} train and {budget['max_test']} "
+        f"test items per task (seeded, "
         f"label-stratified), probes {PROBES} at {budget['probe_max']} items each. At {budget['max_test']} items a "
         f"task score's standard error is up to {50 / budget['max_test'] ** 0.5:.0f} points.", "",
         *table(args.suite, ordered), "",

@@ -58,11 +58,13 @@ def context_limit(model, max_length: int | None = None) -> int | None:
     return min(limits) if limits else None
 
 
-def cut_prompts(encoded: list[list[int]], limit: int | None, what: str) -> list[list[int]]:
-    """Each prompt's last ``limit`` tokens; says once how many were longer."""
+def cut_prompts(model, encoded: list[list[int]], max_length: int | None, reserve: int, what: str) -> list[list[int]]:
+    """Each prompt's last tokens that leave ``reserve`` (the answer's) within ``context_limit``;
+    says once how many were longer."""
+    limit = context_limit(model, max_length)
     if limit is None:
         return encoded
-    limit = max(limit, 1)
+    limit = max(limit - reserve, 1)
     long = sum(len(ids) > limit for ids in encoded)
     if long:
         log.warning("%s: %d of %d prompts are longer than %d tokens and were cut from the left "
@@ -276,10 +278,8 @@ def choice_logliks(model, tokenizer, task: Task, examples: Sequence[Example], ba
     prompts = [tokenizer(task.prompt(tokenizer, ex), add_special_tokens=True)["input_ids"] for ex in examples]
     options = [[tokenizer(task.target(o), add_special_tokens=False)["input_ids"] for o in ex.options or ()]
                for ex in examples]
-    limit = context_limit(model, max_length)
-    if limit is not None:
-        longest = max((len(o) for opts in options for o in opts), default=0)
-        prompts = cut_prompts(prompts, limit - longest, f"task {task.name}")
+    longest = max((len(o) for opts in options for o in opts), default=0)
+    prompts = cut_prompts(model, prompts, max_length, longest, f"task {task.name}")
     if shared_prefix is None:
         shared_prefix = prefix_cache_ok(model, prompts)
     if shared_prefix:
@@ -382,9 +382,7 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 16,
     from the left so that it and ``max_new_tokens`` fit ``context_limit``."""
     device = _device(model)
     encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
-    limit = context_limit(model, max_length)
-    if limit is not None:
-        encoded = cut_prompts(encoded, limit - max_new_tokens, what)
+    encoded = cut_prompts(model, encoded, max_length, max_new_tokens, what)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     answers = [""] * len(prompts)
     pad = tokenizer.pad_token_id

@@ -37,10 +37,15 @@ run() {  # run NAME CONFIG OVERRIDES... : one `retain run` on the GPU
   shift 2
   step "$name" 150 retain run "configs/$config.yaml" "name=$name" "output_dir=$R" "model=$M/smol" \
     eval.max_test=16 eval.probe_max=16 "$@" --overwrite --quiet
-  [ -f "$R/$name/results.json" ] && python3 -c "import json, sys
+  record "$name"
+}
+
+record() {  # record NAME : a finished run's key figures, one line of runs.jsonl
+  [ -f "$R/$1/results.json" ] && python3 -c "import json, sys
 r = json.load(open(sys.argv[1]))
-keys = ('metrics', 'wall_s', 'peak_memory_mb', 'train_tokens_per_s', 'timings', 'strategy_stats', 'routing', 'final')
-print(json.dumps({'run': sys.argv[2], **{k: r.get(k) for k in keys}}, default=str))" "$R/$name/results.json" "$name" \
+keys = ('metrics', 'wall_s', 'peak_memory_mb', 'train_tokens_per_s', 'num_processes', 'sharding', 'timings',
+        'strategy_stats', 'routing', 'final')
+print(json.dumps({'run': sys.argv[2], **{k: r.get(k) for k in keys}}, default=str))" "$R/$1/results.json" "$1" \
     >>"$OUT/runs.jsonl"
 }
 
@@ -73,6 +78,14 @@ if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
 a, b = (json.load(open(f'{sys.argv[1]}/{n}/results.json')) for n in ('dp-1', 'dp-2'))
 print(json.dumps({'run': 'dp-2-vs-1', 'R_1': a['R'], 'R_2': b['R'], 'tokens_per_s': [a['train_tokens_per_s'], b['train_tokens_per_s']]}))" \
     "$R" >>"$OUT/runs.jsonl" 2>>"$LOG"
+  # Sharded training (FSDP2, tested on CPU with gloo): full fine-tuning of the 1.5B shape on 2 GPUs,
+  # replicated against zero2 and zero3; peak_memory_mb is the main process's device peak.
+  for mode in none zero2 zero3; do
+    step "shard-$mode" 240 torchrun --standalone --nproc_per_node 2 -m retain.cli run configs/naive.yaml \
+      "name=shard-$mode" "output_dir=$R" "model=$M/qwen" eval.max_test=8 eval.probe_max=8 train.max_steps=5 \
+      train.precision=bf16 "train.sharding=$mode" --overwrite --quiet
+    record "shard-$mode"
+  done
 fi
 run experts lora-experts train.max_steps=5
 # retain export's vLLM manifest, started as written (skipped with exit 3 when vLLM is not installed).

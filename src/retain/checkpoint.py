@@ -23,6 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from retain import sharding
 from retain.errors import RetainError
 from retain.io import atomic_write, atomic_write_json
 from retain.state import Progress, RunState
@@ -51,8 +52,9 @@ def _load_tensors(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
 
 
 def _model_tensors(model: torch.nn.Module, keys: list[str]) -> dict[str, torch.Tensor]:
+    """The full tensors of ``keys`` (sharded weights gathered: a collective on every process)."""
     wanted = set(keys)
-    return {k: v for k, v in model.state_dict().items() if k in wanted}
+    return sharding.full({k: v for k, v in model.state_dict().items() if k in wanted})
 
 
 def _write_state(run_dir: Path, state: RunState) -> None:
@@ -67,13 +69,18 @@ def _write_state(run_dir: Path, state: RunState) -> None:
 
 
 def save(run_dir: Path, state: RunState, model: torch.nn.Module,
-         strategy_tensors: dict[str, torch.Tensor] | None = None) -> None:
-    """A checkpoint between phases: trained tensors, strategy tensors, then state.json."""
+         strategy_tensors: dict[str, torch.Tensor] | None = None, write: bool = True) -> None:
+    """A checkpoint between phases: trained tensors, strategy tensors, then state.json.
+    ``write`` false: only take part in gathering sharded weights (a process other than the main one)."""
+    trained = _model_tensors(model, state.trained_keys) if state.trained_keys else {}
+    strategy_tensors = sharding.full(strategy_tensors or {})  # a strategy's sharded tensors (EWC's), gathered
+    if not write:
+        return
     state.serial += 1
     files: dict[str, str] = {}
     if state.trained_keys:
         files["trained"] = f"trained-{state.serial}.safetensors"
-        _save_tensors(folder(run_dir) / files["trained"], _model_tensors(model, state.trained_keys))
+        _save_tensors(folder(run_dir) / files["trained"], trained)
     if strategy_tensors:
         files["strategy"] = f"strategy-{state.serial}.safetensors"
         _save_tensors(folder(run_dir) / files["strategy"], strategy_tensors)
@@ -106,11 +113,15 @@ def join_tensors(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 
 def save_progress(run_dir: Path, state: RunState, progress: Progress, model: torch.nn.Module, keys: list[str],
-                  optimizer: Any = None, scheduler: Any = None) -> None:
-    """A checkpoint inside a phase; the phase-start files stay as they are."""
+                  optimizer: Any = None, scheduler: Any = None, write: bool = True) -> None:
+    """A checkpoint inside a phase; the phase-start files stay as they are. ``write``: as in ``save``."""
+    tensors = _model_tensors(model, keys)
+    moments = sharding.full_optimizer_state(optimizer.state_dict()) if optimizer is not None else None
+    if not write:
+        return
     state.serial += 1
     progress.tensors = f"progress-{state.serial}.safetensors"
-    _save_tensors(folder(run_dir) / progress.tensors, _model_tensors(model, keys))
+    _save_tensors(folder(run_dir) / progress.tensors, tensors)
     strategy_tensors: dict[str, torch.Tensor] = {}
     progress.strategy = split_tensors(progress.strategy, strategy_tensors)
     extra: dict[str, Any] = {"torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
@@ -118,7 +129,7 @@ def save_progress(run_dir: Path, state: RunState, progress: Progress, model: tor
     if torch.cuda.is_available():
         extra["cuda_rng"] = torch.cuda.get_rng_state_all()
     if optimizer is not None:
-        extra["optimizer"] = optimizer.state_dict()
+        extra["optimizer"] = moments
         extra["scheduler"] = scheduler.state_dict() if scheduler is not None else None
     progress.optimizer = f"optimizer-{state.serial}.pt"
     atomic_write(folder(run_dir) / progress.optimizer, lambda tmp: torch.save(extra, tmp))
@@ -135,7 +146,7 @@ def restore_progress(run_dir: Path, progress: Progress, model: torch.nn.Module, 
     returns the strategies' phase state with its tensors put back."""
     path = folder(run_dir) / str(progress.tensors)
     tensors = _load_tensors(path)
-    result = model.load_state_dict(tensors, strict=False)
+    result = model.load_state_dict(sharding.fit_state_dict(model, tensors), strict=False)
     if result.unexpected_keys:
         raise RetainError(f"{path}: tensors do not fit the model (e.g. {result.unexpected_keys[0]})")
     opt_path = folder(run_dir) / str(progress.optimizer)
@@ -146,7 +157,7 @@ def restore_progress(run_dir: Path, progress: Progress, model: torch.nn.Module, 
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user-facing problem
         raise RetainError(f"{opt_path}: corrupt optimizer state ({exc})") from None
     if optimizer is not None:
-        optimizer.load_state_dict(extra["optimizer"])
+        optimizer.load_state_dict(sharding.fit_optimizer_state(optimizer, extra["optimizer"]))
         if scheduler is not None and extra.get("scheduler") is not None:
             scheduler.load_state_dict(extra["scheduler"])
     torch.set_rng_state(extra["torch_rng"])
@@ -180,12 +191,16 @@ def restore_tensors(run_dir: Path, model: torch.nn.Module, state: RunState) -> N
     missing = sorted(set(state.trained_keys) - set(tensors))
     if missing:
         raise RetainError(f"{path}: lacks {len(missing)} trained tensors (e.g. {missing[0]})")
-    result = model.load_state_dict(tensors, strict=False)
+    result = model.load_state_dict(sharding.fit_state_dict(model, tensors), strict=False)
     if result.unexpected_keys:
         raise RetainError(f"{path}: tensors do not fit the model (e.g. {result.unexpected_keys[0]})")
 
 
-def load_strategy_tensors(run_dir: Path, state: RunState, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+def load_strategy_tensors(run_dir: Path, state: RunState,
+                          device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """Onto the model's device, where the strategy made them (EWC's anchors meet the weights there)."""
     name = state.files.get("strategy")
-    return _load_tensors(folder(run_dir) / name, device=str(device)) if name else {}
+    device = torch.device(device)
+    # A multi-process CPU run's device is "cpu:0", which safetensors does not accept.
+    where = "cpu" if device.type == "cpu" else str(device)
+    return _load_tensors(folder(run_dir) / name, device=where) if name else {}

@@ -285,6 +285,8 @@ def _describe_strategy(name: str) -> None:
     split = ("yes" if cls.data_parallel == "" else
              f"refused: {cls.data_parallel or 'not checked to give the one-process result'}")
     out.print(f"data-parallel (torchrun / accelerate launch): {split}", highlight=False)
+    shards = "yes" if cls.sharded == "" else f"refused: {cls.sharded or 'not checked on sharded weights'}"
+    out.print(f"sharded (train.sharding: zero2 / zero3): {shards}", highlight=False)
     if cls.Options is None:
         out.print("options: none")
     else:

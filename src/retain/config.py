@@ -129,6 +129,10 @@ class TrainConfig(_Strict):
     group_by_length: bool = Field(default=False, description="batches of examples of similar token length "
                                   "(each epoch still visits every example once): less padding, more tokens/s "
                                   "when lengths vary")
+    sharding: Literal["none", "zero2", "zero3"] = Field(default="none", description="in a run launched as N "
+                                                        "processes, shard the weights (zero3), or gradients and "
+                                                        "optimizer state (zero2), over them with FSDP2: less memory "
+                                                        "per process; none: every process holds the whole model")
 
 
 class HarnessConfig(_Strict):

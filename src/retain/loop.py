@@ -27,9 +27,10 @@ from typing import Any, Callable, ContextManager
 import torch
 import yaml
 from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration
 from transformers import get_scheduler
 
-from retain import checkpoint, parallel
+from retain import checkpoint, parallel, sharding
 from retain.analysis import UpdateTracker
 from retain.config import RunConfig, read_yaml, validate_config
 from retain.errors import RetainError
@@ -87,7 +88,8 @@ class Run:
         route = route or (lambda task: stack.route(ctx, task))
         stream, cfg = ctx.stream, self.config.eval
         tasks = stream.tasks + (stream.probes if probes else [])
-        total = sum(work_units(t, len(t.test), ctx.processes) for t in tasks)
+        processes = ctx.processes.evaluation  # sharded: every process scores every item, in lockstep
+        total = sum(work_units(t, len(t.test), processes) for t in tasks)
         scores: list[float] = []
         probes: list[float] = []
         details: dict[str, Any] = {}
@@ -98,7 +100,7 @@ class Run:
                 with route(None if is_probe else task.name):
                     result = evaluate_task(ctx.model, ctx.tokenizer, task, batch_size=cfg.batch_size,
                                            max_new_tokens=cfg.max_new_tokens, advance=advance,
-                                           processes=ctx.processes, max_length=cfg.max_length)
+                                           processes=processes, max_length=cfg.max_length)
                 details[task.name] = {"value": result.value, "n": result.n, "stderr": result.stderr,
                                       **result.scores}
                 if result.items is not None:
@@ -141,6 +143,9 @@ class Run:
         # Every phase starts in eval mode, as it does after the previous phase or in a resumed
         # process: importance scores and teacher snapshots taken here see no dropout.
         ctx.model.eval()
+        # zero2 keeps weights gathered after a forward (the last evaluation's): the parameters a
+        # phase trains and its optimizer must be the shards.
+        sharding.reshard(ctx.model)
         online = self.online
         # Online mode: the strategies see one task without identity, whatever the stream holds.
         hook_tasks = online.hook_tasks() if online else tasks
@@ -221,9 +226,10 @@ class Run:
                     progress.seconds = time.perf_counter() - start
                     progress.strategy = stack.phase_state()
                     self.state.wall_s = self.wall_s()
-                    if ctx.run_dir is not None:
+                    if ctx.run_dir is not None or ctx.processes.sharded:  # sharded: all gather, main writes
                         checkpoint.save_progress(self.run_dir, self.state, progress,
-                                                 ctx.accelerator.unwrap_model(ctx.model), keys, optimizer, scheduler)
+                                                 ctx.accelerator.unwrap_model(ctx.model), keys, optimizer, scheduler,
+                                                 write=ctx.run_dir is not None)
 
             # A strategy may train the phase itself (TRL's GRPO trainer) or replace each
             # gradient step (evolution strategies); otherwise: loss, backward, clip, step.
@@ -374,8 +380,10 @@ class Run:
         """Between phases: the strategies' state and the trained tensors as they are now."""
         self.state.strategy = stack.state_dict()
         self.state.wall_s = self.wall_s()
-        if ctx.run_dir is not None:  # the main process's (see Context.run_dir)
-            checkpoint.save(self.run_dir, self.state, ctx.accelerator.unwrap_model(ctx.model), stack.state_tensors())
+        # The main process writes (see Context.run_dir); with sharded weights all gather them first.
+        if ctx.run_dir is not None or ctx.processes.sharded:
+            checkpoint.save(self.run_dir, self.state, ctx.accelerator.unwrap_model(ctx.model), stack.state_tensors(),
+                            write=ctx.run_dir is not None)
 
 
 def check_run(config: RunConfig) -> tuple[Stream, StrategyStack]:
@@ -410,6 +418,7 @@ def check_run(config: RunConfig) -> tuple[Stream, StrategyStack]:
         raise RetainError(f"train.gradient_checkpointing: strategy '{stack.name}' replaces the loop's training "
                           "step, which this setting acts on; drop it")
     parallel.check(config, stack, parallel.launched_processes())
+    sharding.check(config, stack, sharding.requested(config), parallel.launched_processes())
     return stream, stack
 
 
@@ -463,9 +472,13 @@ def prepare(config: RunConfig, ui: UI, project_dir: Path | None = None) -> tuple
     # Trackers (config.trackers) log through the Accelerator; only a run directory has them.
     trackers = config.trackers if project_dir is not None else []
     # split_batches: the loop splits each global batch itself, so the prepared scheduler steps
-    # once per optimizer step, not once per process.
-    accelerator = Accelerator(cpu=cpu, mixed_precision=config.train.precision, log_with=trackers or None,
-                              project_dir=str(project_dir / "trackers") if trackers else None, split_batches=True)
+    # once per optimizer step, not once per process (Accelerate ignores the old split_batches
+    # argument: it must come through DataLoaderConfiguration).
+    mode = sharding.requested(config)
+    with sharding.without_accelerate_fsdp():
+        accelerator = Accelerator(cpu=cpu, mixed_precision=config.train.precision, log_with=trackers or None,
+                                  project_dir=str(project_dir / "trackers") if trackers else None,
+                                  dataloader_config=DataLoaderConfiguration(split_batches=True))
     processes = parallel.Processes(accelerator)
     ctx = Context(config=config, model=model, tokenizer=tokenizer, accelerator=accelerator, stream=stream,
                   processes=processes)
@@ -477,6 +490,9 @@ def prepare(config: RunConfig, ui: UI, project_dir: Path | None = None) -> tuple
     # With N processes the loop sums the gradients itself (see retain.parallel), so the model is
     # placed and autocast as for evaluation, without a DDP wrapper.
     ctx.model = accelerator.prepare_model(ctx.model, evaluation_mode=processes.count > 1)
+    if mode is not None:
+        ctx.model = sharding.shard(ctx.model, mode)
+        processes.sharded = True
     return ctx, stack
 
 
@@ -515,7 +531,9 @@ def execute(config: RunConfig, *, run_dir: Path | None = None, resume: bool = Fa
     if saved:
         run.state = saved
         stack.load_state_dict(ctx, saved.strategy)
-        stack.load_state_tensors(checkpoint.load_strategy_tensors(run_dir, saved, ctx.accelerator.device))
+        tensors = checkpoint.load_strategy_tensors(run_dir, saved, ctx.accelerator.device)
+        # Sharded: a strategy's per-weight tensors (EWC's Fisher and anchors) become shards like the weights.
+        stack.load_state_tensors(sharding.fit_named(ctx.model, tensors) if ctx.processes.sharded else tensors)
         checkpoint.restore_tensors(run_dir, ctx.accelerator.unwrap_model(ctx.model), saved)
         inside = f", inside phase {saved.progress.phase + 1} at step {saved.progress.step}" if saved.progress else ""
         ui.info(f"resuming {run_dir} after {saved.completed_phases} completed phase(s){inside}")
@@ -524,6 +542,7 @@ def execute(config: RunConfig, *, run_dir: Path | None = None, resume: bool = Fa
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config.resolved(), sort_keys=False))
     run.tracking = tracking = Tracking(ctx.accelerator, config, run_dir)
     run.state.num_processes = ctx.processes.count
+    run.state.sharding = sharding.requested(config)
 
     def track(row: list[float], probe: float | None) -> None:
         suites = {p.name: run.details[p.name] for p in ctx.stream.probes if p.name in run.details}
@@ -581,6 +600,8 @@ def execute(config: RunConfig, *, run_dir: Path | None = None, resume: bool = Fa
     run.finish(ctx, stack)
     run.membership(ctx, stack, "final")
     state.wall_s = run.wall_s()
+    if ctx.processes.sharded:  # adapters and merged weights are written from whole tensors
+        sharding.gather_for_export(ctx.model)
     if not main:
         # The main process writes the results; the others return what it writes.
         ctx.processes.barrier()

@@ -43,6 +43,14 @@ class Processes:
         self.rank = accelerator.process_index if accelerator is not None else 0
         # Where collectives' tensors live (NCCL reduces CUDA tensors only).
         self.device = accelerator.device if accelerator is not None else torch.device("cpu")
+        #: The model is sharded (``retain.sharding``): FSDP reduces the gradients, and every
+        #: forward is a collective, so evaluation runs in lockstep on all items.
+        self.sharded = False
+
+    @property
+    def evaluation(self) -> "Processes":
+        """Who splits evaluation: these processes, or (sharded) each process scores every item."""
+        return SINGLE if self.sharded else self
 
     def share(self, items: Sequence[T]) -> list[T]:
         """This process's contiguous share of ``items``; shares differ in size by at most one,
@@ -90,7 +98,7 @@ class Processes:
         """Sum the gradients of ``params`` across processes. A parameter no process computed a
         gradient for keeps none (the optimizer then skips it, as with one process: an expert
         no example was routed to); one that only some processes reached gets zeros elsewhere."""
-        if self.count == 1:
+        if self.count == 1 or self.sharded:  # sharded: FSDP reduce-scattered them in the backward pass
             return
         reached = torch.tensor([float(p.grad is not None) for p in params], device=self.device)
         dist.all_reduce(reached, op=dist.ReduceOp.SUM)
@@ -143,13 +151,6 @@ def check(config: Any, stack: Any, processes: int) -> None:
     from retain.errors import RetainError
     from retain.strategies import registry
 
-    for engine in ("FSDP", "DEEPSPEED"):
-        # accelerate launch sets these from its config; the loop's own gradient reduction would
-        # leave the model unsharded, so the sharding asked for would silently not happen.
-        if os.environ.get(f"ACCELERATE_USE_{engine}", "").lower() in ("1", "true"):
-            raise RetainError(f"ACCELERATE_USE_{engine}: retain does not shard models with {engine} yet (its data-"
-                              "parallel runs replicate the model on every process); launch without the "
-                              f"{engine.lower()} config, e.g. `torchrun --nproc_per_node N -m retain.cli run CONFIG`")
     if processes <= 1:
         return
     launched = f"this run was launched as {processes} processes (WORLD_SIZE)"

@@ -69,6 +69,8 @@ class RunState:
     membership: dict[str, Any] | None = None
     #: Processes of the (last) process group that ran it: 1, or N in a data-parallel run.
     num_processes: int = 1
+    #: "zero2" / "zero3" when the weights were sharded over the processes (train.sharding).
+    sharding: str | None = None
     progress: Progress | None = None
     #: Checkpoint files this state goes with ("trained", "strategy"), by role.
     files: dict[str, str] = field(default_factory=dict)

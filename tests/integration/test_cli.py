@@ -160,6 +160,9 @@ def test_list_strategy_prints_options_ranges_and_refusals():
         assert fragment in text, fragment
     assert "privacy: covered by DP-SGD" in " ".join(invoke("list", "lora").output.split())
     assert "data-parallel (torchrun / accelerate launch): yes" in text
+    assert "sharded (train.sharding: zero2 / zero3): yes" in text
+    assert "sharded (train.sharding: zero2 / zero3): refused: it snapshots the whole model" in " ".join(
+        invoke("list", "lwf").output.split())
     assert "data-parallel (torchrun / accelerate launch): refused: its key-matching loss" in " ".join(
         invoke("list", "l2p").output.split())
     assert "exact | countdown" in " ".join(invoke("list", "es").output.split())

@@ -17,6 +17,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from retain import sharding
 from retain.streams.task import GENERATED, Example, Task
 from retain.parallel import SINGLE, Processes
 
@@ -381,6 +382,7 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 16,
     """Greedy answers, left-padded batches, decoded without special tokens. A prompt is cut
     from the left so that it and ``max_new_tokens`` fit ``context_limit``."""
     device = _device(model)
+    synced = sharding.is_sharded(model)
     encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
     encoded = cut_prompts(model, encoded, max_length, max_new_tokens, what)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
@@ -393,6 +395,8 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 16,
         out = model.generate(
             input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
             do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+            # Sharded weights: each forward is a collective, so every process steps until all are done.
+            synced_gpus=synced,
         )
         for row, i in enumerate(idx):
             answers[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True)

@@ -119,6 +119,7 @@ def build_results(config, stream, state: dict[str, Any]) -> dict[str, Any]:
         "wall_s": state.get("wall_s"),
         "peak_memory_mb": state.get("peak_memory_mb"),
         "num_processes": state.get("num_processes", 1),
+        "sharding": state.get("sharding"),
         "updates": state.get("updates", []),
         # Per-task methods: scores with the task predicted from the input (task-agnostic).
         "routing": state.get("routing"),

@@ -9,6 +9,7 @@ import random
 
 import torch
 
+from retain import sharding
 from retain.batching import collate
 from retain.evaluation.scoring import eval_mode
 from retain.parallel import SINGLE, Processes
@@ -30,6 +31,8 @@ def diagonal_fisher(model, tokenizer, items: list[Item], params: dict[str, torch
     """
     sample = random.Random(seed).sample(items, min(n, len(items)))
     total = len(sample)
+    if processes.sharded:
+        return _sharded_fisher(model, tokenizer, sample, params, max_length, processes.count)
     sample = processes.share(sample)
     device = next(model.parameters()).device
     fisher = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in params.items()}
@@ -45,6 +48,31 @@ def diagonal_fisher(model, tokenizer, items: list[Item], params: dict[str, torch
                     fisher[name] += g.detach().float() ** 2
     processes.sum_tensors(list(fisher.values()))
     return {k: v / max(total, 1) for k, v in fisher.items()}
+
+
+def _sharded_fisher(model, tokenizer, sample: list[Item], params: dict[str, torch.nn.Parameter], max_length: int,
+                    copies: int) -> dict[str, torch.Tensor]:
+    """The diagonal Fisher on sharded weights, each process holding its shard of it.
+
+    ``torch.autograd.grad`` cannot reach a shard: FSDP computes the gathered weight's gradient
+    and reduce-scatters (sums) it into the shard's ``.grad``. So each example's gradient comes
+    from ``backward()``, with every process running the same example in lockstep: each shard's
+    gradient is then ``copies`` times the example's, divided out before squaring."""
+    device = next(model.parameters()).device
+    parts = {k: torch.zeros_like(sharding.local(p), dtype=torch.float32) for k, p in params.items()}
+    with eval_mode(model):
+        for item in sample:
+            for p in params.values():
+                p.grad = None
+            batch = {k: v.to(device) for k, v in collate(tokenizer, [item], max_length).items()}
+            n_target = int((batch["labels"][:, 1:] != -100).sum())
+            (-model(**batch).loss * n_target).backward()
+            for name, p in params.items():
+                if p.grad is not None:
+                    parts[name] += (sharding.local(p.grad).float() / copies) ** 2
+    for p in params.values():
+        p.grad = None
+    return {k: sharding.shaped_like(params[k], v / max(len(sample), 1)) for k, v in parts.items()}
 
 
 def gradient_magnitude(model, tokenizer, items: list[Item], params: dict[str, torch.nn.Parameter], n: int,

@@ -134,6 +134,7 @@ class AdapterPerTask(Strategy):
     name = "adapter-per-task"
     not_private = "its task router keeps the mean embedding of each task's private inputs, without noise"
     data_parallel = ""  # each task's adapter is initialized from the phase seed on every process
+    sharded = "it adds a new adapter at each task's start, after the weights were sharded"
     summary = "Houlsby bottleneck adapters per task (identity at init), base frozen; routed when no task is given"
     not_exportable = "its Houlsby bottleneck adapters are modules of its own, not a PEFT format"
     options_key = "adapter"

@@ -113,6 +113,10 @@ class Strategy:
     #: (its state identical on every process, or reduced across them), else why not. ``None``:
     #: not reviewed for data-parallel runs, so refused there.
     data_parallel: ClassVar[str | None] = None
+    #: Under ``train.sharding`` (FSDP2: each process holds a shard of every weight): "" when the
+    #: method gives the one-process result on sharded weights, else why not. ``None``: not
+    #: reviewed for sharding, so refused there.
+    sharded: ClassVar[str | None] = None
     #: Names of strategies this one cannot be combined with, with the reason.
     incompatible: ClassVar[dict[str, str]] = {}
     #: Names of strategies this one needs in the same stack (``merge`` needs ``lora-per-task``).

@@ -62,6 +62,7 @@ class DistillReplay(Strategy):
     name = "distill-replay"
     not_private = "its distillation term is added to the batch's loss outside retain's per-example loss"
     data_parallel = ""  # its term is summed over each share and divided by the global count of positions
+    sharded = "it records the teacher's outputs with a model copy outside the sharded model"
     summary = "replay that trains memory examples to match the teacher's stored top-k log-probabilities"
     options_key = "distill-replay"
     Options = DistillReplayOptions

@@ -14,8 +14,19 @@ import time
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from retain import sharding
+from retain.parallel import Processes
 from retain.strategies._importance import diagonal_fisher, named_trainable
 from retain.strategies.base import Context, Strategy, register
+
+
+def fisher_mean(fisher: dict[str, torch.Tensor], processes: Processes) -> float:
+    """The mean Fisher entry over all weights (sharded: over every process's shards)."""
+    if processes.sharded:
+        total, count = processes.sum(float(sum(sharding.local(f).sum() for f in fisher.values())),
+                                     float(sum(sharding.local(f).numel() for f in fisher.values())))
+        return total / max(count, 1.0)
+    return float(sum(f.sum() for f in fisher.values()) / sum(f.numel() for f in fisher.values()))
 
 
 class EWCOptions(BaseModel):
@@ -37,6 +48,7 @@ class EWC(Strategy):
     not_private = ("its Fisher information is estimated from private examples outside the noised step, and its penalty "
                    "is not a per-example loss, so DP-SGD would drop its gradient")
     data_parallel = ""  # Fisher: a share of the samples per process, summed; penalty: 1/N per process
+    sharded = ""  # Fisher, anchors and penalty by shard: each process's penalty covers its shard
     summary = "Elastic Weight Consolidation (diagonal Fisher; `online: true` keeps one decayed running Fisher)"
     options_key = "ewc"
     Options = EWCOptions
@@ -50,11 +62,13 @@ class EWC(Strategy):
         self._stats: dict = {}
 
     def penalty(self, params: dict[str, torch.nn.Parameter]) -> torch.Tensor | None:
+        """The penalty on ``params``; on sharded weights this process's part of it (its shards')."""
         total = None
         for fisher, anchor in self.terms:
             for name, p in params.items():
                 if name in fisher:
-                    term = (fisher[name] * (p - anchor[name]) ** 2).sum()
+                    f, a, w = (sharding.local(t) for t in (fisher[name], anchor[name], p))
+                    term = (f * (w - a) ** 2).sum()
                     total = term if total is None else total + term
         return None if total is None else 0.5 * self.options.lambda_ * total
 
@@ -62,7 +76,9 @@ class EWC(Strategy):
         if not self.terms or self.options.lambda_ == 0:
             return None
         penalty = self.penalty(named_trainable(ctx.model))
-        return None if penalty is None else ctx.processes.replicated(penalty)
+        if penalty is None or ctx.processes.sharded:  # sharded: the parts over processes add up to the penalty
+            return penalty
+        return ctx.processes.replicated(penalty)
 
     def after_task(self, ctx: Context, tasks) -> None:
         start = time.perf_counter()
@@ -71,8 +87,8 @@ class EWC(Strategy):
         fisher = diagonal_fisher(ctx.model, ctx.tokenizer, items, params, self.options.fisher_samples,
                                  ctx.config.train.max_length, seed=ctx.phase_seed, processes=ctx.processes)
         if self.options.normalize:
-            mean = sum(f.sum() for f in fisher.values()) / sum(f.numel() for f in fisher.values())
-            fisher = {k: v / mean.clamp(min=torch.finfo(torch.float32).tiny) for k, v in fisher.items()}
+            mean = max(fisher_mean(fisher, ctx.processes), torch.finfo(torch.float32).tiny)
+            fisher = {k: v / mean for k, v in fisher.items()}
         anchor = {k: p.detach().clone() for k, p in params.items()}
         if self.options.online and self.terms:
             old, _ = self.terms[0]
@@ -81,7 +97,7 @@ class EWC(Strategy):
         else:
             self.terms.append((fisher, anchor))
         self._stats = {"fisher_s": round(time.perf_counter() - start, 3),
-                       "fisher_mean": float(sum(f.sum() for f in fisher.values()) / sum(f.numel() for f in fisher.values()))}
+                       "fisher_mean": fisher_mean(fisher, ctx.processes)}
 
     def stats(self) -> dict:
         return self._stats

@@ -72,6 +72,7 @@ class GenerativeReplay(Strategy):
     name = "generative-replay"
     not_private = ""  # pseudo-examples come from the privately trained model: post-processing
     data_parallel = ""  # its sampling is seeded by the phase, so every process draws the same pseudo-data
+    sharded = "its pseudo-data is sampled from the model between phases, not yet run on sharded weights"
     summary = "LAMOL-style: the model learns to generate each task's examples and replays its own pseudo-examples"
     options_key = "generative_replay"
     Options = GenerativeReplayOptions

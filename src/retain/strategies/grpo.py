@@ -38,6 +38,7 @@ class GRPO(Strategy):
     name = "grpo"
     not_private = "it trains each phase with TRL's trainer, which Opacus does not wrap"
     data_parallel = "it trains each phase with TRL's trainer, outside the loop's split step"
+    sharded = "it trains each phase with TRL's trainer, outside the loop's step"
     summary = "GRPO with TRL's GRPOTrainer on the task's verifiable reward (the RL baseline for es)"
     options_key = "grpo"
     Options = GRPOOptions

@@ -10,6 +10,7 @@ class Joint(Strategy):
     name = "joint"
     not_private = ""
     data_parallel = ""
+    sharded = ""
     summary = "all tasks trained together in one phase (the multitask reference); combine with lora for joint LoRA"
 
     def plan(self, tasks):

@@ -148,6 +148,7 @@ class L2P(Strategy):
     not_private = "its prompt keys are pulled toward private queries by a loss outside retain's per-example loss"
     data_parallel = ("its key-matching loss is a mean over the batch's queries, which the data-parallel "
                      "step does not weigh by the global batch")
+    sharded = "its prompt pool wraps the model outside the sharded transformer"
     summary = "Learning to Prompt: a pool of keyed soft prompts chosen per input by the frozen model's query; base frozen"
     not_exportable = ("its soft prompts are chosen per input by key-query matching in a wrapper around the model, "
                       "which neither PEFT nor transformers can load")

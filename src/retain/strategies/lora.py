@@ -15,6 +15,7 @@ class Lora(Strategy):
     name = "lora"
     not_private = ""
     data_parallel = ""
+    sharded = ""  # adapters added at setup, before the weights are sharded
     summary = "one shared LoRA adapter trained through the stream, base weights frozen"
     task_free = True
     options_key = "lora"

@@ -169,6 +169,7 @@ class LoraExperts(Strategy):
     name = "lora-experts"
     not_private = "its routing centroids are k-means clusters of private training inputs, kept without noise"
     data_parallel = ""  # its clusters are computed on every process alike; each example is routed alone
+    sharded = "it wraps the model in a router whose experts live outside the sharded layers"
     summary = "mixture of LoRA experts: k-means clusters of each task's instructions, one expert per cluster, routed"
     not_exportable = "it routes each input among LoRA experts inside its own layers, which PEFT cannot load"
     options_key = "lora_experts"

@@ -22,6 +22,7 @@ class LoraPerTask(Strategy):
     # Each task's adapter is initialized from the phase seed on every process; the router's
     # centroids are computed on every process alike.
     data_parallel = ""
+    sharded = "it adds a new adapter at each task's start, after the weights were sharded"
     summary = "a fresh LoRA adapter for each task, saved under adapters/<task>/; earlier adapters stay bit-identical"
     options_key = "lora"
     Options = LoraOptions

@@ -37,6 +37,7 @@ class LwF(Strategy):
     name = "lwf"
     not_private = "its distillation term is added to the batch's loss outside retain's per-example loss"
     data_parallel = ""  # its KL is summed over each share and divided by the global count of positions
+    sharded = "it snapshots the whole model as a teacher at each task's start, a copy outside the sharded model"
     summary = "Learning without Forgetting: KL to the pre-task model on the new task's inputs (no second model copy)"
     options_key = "lwf"
     Options = LwFOptions

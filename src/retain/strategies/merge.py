@@ -32,6 +32,7 @@ class Merge(Strategy):
     name = "merge"
     not_private = "it merges lora-per-task's adapters, whose task router keeps un-noised statistics of private inputs"
     data_parallel = ""  # its merged adapters are built and scored on every process alike (scoring split)
+    sharded = "it merges per-task adapters, which a sharded run cannot add"
     summary = "after the stream, merge the per-task LoRA adapters into one (linear, TIES, ...) and score it"
     options_key = "merge"
     Options = MergeOptions

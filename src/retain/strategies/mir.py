@@ -72,6 +72,7 @@ class MIR(Strategy):
     not_private = "it picks which memories to replay by their loss on private examples outside the noised step"
     data_parallel = ("its virtual update and retrieval act on the model inside each step, outside the "
                      "split step")
+    sharded = "it runs in online mode, which runs in one process"
     summary = "maximally interfered retrieval: replay the memory examples a virtual step on the batch hurts most"
     task_free = True
     options_key = "mir"

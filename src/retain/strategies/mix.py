@@ -22,6 +22,7 @@ class Mix(Strategy):
     name = "mix"
     not_private = ""  # its general data is public: only the stream's examples are private
     data_parallel = ""  # its draws are seeded: every process mixes the same global batch
+    sharded = ""  # its draws are seeded alike on every process; it only changes the batches
     summary = "each batch mixes a fraction `ratio` (default 0.5) of all earlier stages' data"
     options_key = "mix"
     Options = MixOptions

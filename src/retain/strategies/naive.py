@@ -10,6 +10,7 @@ class Naive(Strategy):
     name = "naive"
     not_private = ""
     data_parallel = ""
+    sharded = ""
     summary = "full fine-tuning of every weight, task after task (the forgetting baseline)"
     task_free = True
     owns_parameters = True

@@ -40,6 +40,7 @@ class OLora(Strategy):
     name = "olora"
     not_private = "its orthogonality penalty acts on the weights, not per example, so DP-SGD would drop its gradient"
     data_parallel = ""  # a penalty on the weights: 1/N of it on each process
+    sharded = "it adds a new adapter at each task's start, after the weights were sharded"
     summary = "a LoRA per task kept orthogonal to earlier tasks' LoRAs; all adapters stay active (no routing)"
     options_key = "olora"
     Options = OLoraOptions

@@ -117,6 +117,7 @@ class Replay(Strategy):
     # Memory draws are seeded, so every process holds the same memory; the coreset and surprise
     # policies score the items on every process (the same result, not split).
     data_parallel = ""
+    sharded = ""  # its memory is drawn alike on every process; it only changes the batches
     summary = "reservoir-sampled memory of past examples; a fraction `ratio` of each batch is replayed"
     task_free = True
     options_key = "replay"

@@ -33,6 +33,7 @@ class Rewarm(Strategy):
     name = "rewarm"
     not_private = ""
     data_parallel = ""  # a learning-rate schedule: the same on every process
+    sharded = ""  # a learning-rate schedule
     summary = "re-warmed learning rate at each stage: linear warm-up to a peak, cosine decay (continual pre-training)"
     options_key = "rewarm"
     Options = RewarmOptions

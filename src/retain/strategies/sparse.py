@@ -49,6 +49,7 @@ class Sparse(Strategy):
     # Importance is measured on every process alike; the masks act on each process's gradients
     # before they are summed.
     data_parallel = ""
+    sharded = "its gradient masks select entries of whole weights"
     summary = "only the top-k% most important weights (gradient magnitude or Fisher) update on each task"
     options_key = "sparse"
     Options = SparseOptions

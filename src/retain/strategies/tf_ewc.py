@@ -41,6 +41,7 @@ class TaskFreeEWC(Strategy):
     not_private = ("its Fisher information is estimated from private examples outside the noised step, and its penalty "
                    "is not a per-example loss, so DP-SGD would drop its gradient")
     data_parallel = "it detects loss plateaus in online mode, which runs in one process"
+    sharded = "it runs in online mode, which runs in one process"
     summary = "task-free consolidation: online EWC at loss plateaus, shifts detected from loss peaks"
     options_key = "tf_ewc"
     Options = TaskFreeOptions

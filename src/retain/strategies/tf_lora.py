@@ -108,6 +108,7 @@ class TaskFreeLora(Strategy):
     name = "tf-lora"
     not_private = "its routing centroids are means of private training inputs, kept without noise"
     data_parallel = "it opens adapters at shifts detected in online mode, which runs in one process"
+    sharded = "it runs in online mode, which runs in one process"
     not_exportable = ("it answers each input with the adapter of its nearest centroid; its adapters are saved "
                       "under adapters/segment-<k>/ with the centroids in adapters/routing.json, but a server "
                       "would have to do the routing")

@@ -61,6 +61,7 @@ class ES(Strategy):
     name = "es"
     not_private = "it replaces the gradient step with evolution strategies, which DP-SGD does not noise"
     data_parallel = ""  # members w, w+N, ... scored on process w, rewards gathered
+    sharded = "its population perturbs and restores whole weights in place between forwards"
     summary = "evolution strategies: seeded in-place perturbations, z-scored rewards, no gradients"
     options_key = "es"
     Options = ESOptions

@@ -67,6 +67,8 @@ run qwen-lora-bf16 lora model=$M/qwen train.max_steps=10 train.precision=bf16 ev
 # carried as a wheel: pip download bitsandbytes, see the device notes).
 run qwen-qlora-nf4 lora model=$M/qwen model_quantization=nf4 train.max_steps=10 train.precision=bf16 eval.probe_max=8
 run merge lora-per-task-merge train.max_steps=5
+# The sharded path (FSDP2 on CUDA, lockstep evaluation with synced generation) as one process on one GPU.
+run shard-1gpu lora-replay train.max_steps=10 train.precision=bf16 train.sharding=zero3
 # Data-parallel (NCCL) where the machine has 2 GPUs or more: the same lora+replay run as one process and
 # as 2; their trained weights and R should agree to float tolerance (tested on CPU with gloo).
 if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then

@@ -610,6 +610,7 @@ def execute(config: RunConfig, *, run_dir: Path | None = None, resume: bool = Fa
     results = finalize(run_dir, config, ctx.stream, state.to_dict())
     tracking.finish(results, sum(t["steps"] for t in state.timings))
     ctx.processes.barrier()
+    sharding.release()
     return results
 
 
@@ -623,6 +624,8 @@ def load_run_config(run_dir: Path) -> RunConfig:
 def restore(run_dir: Path) -> tuple[Context, StrategyStack]:
     """Rebuild a finished run's model (base + trained tensors + adapters) for generation."""
     config = load_run_config(run_dir)
+    # A sharded run's checkpoint holds whole tensors: one process loads it unsharded.
+    config.train.sharding = "none"
     ctx, stack = prepare(config, UI(quiet=True))
     ctx.run_dir = run_dir
     saved = checkpoint.load_state(run_dir)

@@ -19,6 +19,9 @@ What the loop does differently when a model is sharded:
   process scores every item (generation with ``synced_gpus``) instead of a share of them;
 - checkpoints and adapters hold full tensors (gathered on every process, written by the main
   one), so a sharded run resumes with any number of processes, sharded or not.
+
+Run as one process, a sharded config shards into one (a group of one made here): the same
+run, which is how the sharded path is checked on a single GPU.
 """
 
 from __future__ import annotations
@@ -28,9 +31,12 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 MODES = ("zero2", "zero3")
+#: Whether ``shard`` started the process group (a run of one process), so ``release`` ends it.
+_own_group: list[bool] = []
 #: What an ``accelerate launch`` with an FSDP config sets, and the mode each value means.
 ACCELERATE_FLAG = "ACCELERATE_USE_FSDP"
 STRATEGY_ENV = {"FULL_SHARD": "zero3", "SHARD_GRAD_OP": "zero2", "1": "zero3", "2": "zero2"}
@@ -88,9 +94,6 @@ def check(config: Any, stack: Any, mode: str | None, processes: int) -> None:
     if mode is None:
         return
     where = f"train.sharding: {mode}"
-    if processes < 2:
-        raise RetainError(f"{where} shards the model over the launched processes, and this run has one; launch it as "
-                          "N processes (`torchrun --nproc_per_node N -m retain.cli run CONFIG`) or drop the setting")
     for s in stack.strategies:
         if s.sharded == "":
             continue
@@ -126,6 +129,13 @@ def shard(model: nn.Module, mode: str) -> nn.Module:
     layers = getattr(getattr(lm, "model", None), "layers", None)
     if layers is None:
         raise RetainError(f"train.sharding: {type(lm).__name__} has no model.layers to shard by decoder layer")
+    if not dist.is_initialized():
+        # One process (the sharded path checked on one GPU, or a config written for N run on
+        # one): a group of one, in which each shard is the whole weight.
+        device = next(model.parameters()).device
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1)
+        _own_group.append(True)
     reshard = mode == "zero3"
     for layer in layers:
         fully_shard(layer, reshard_after_forward=reshard)
@@ -137,6 +147,13 @@ def shard(model: nn.Module, mode: str) -> nn.Module:
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)
     return model
+
+
+def release() -> None:
+    """End the group of one that ``shard`` made, if it made one (a launcher's group is its own)."""
+    if _own_group and dist.is_initialized():
+        dist.destroy_process_group()
+    _own_group.clear()
 
 
 def reshard(model: nn.Module) -> None:

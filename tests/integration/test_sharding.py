@@ -19,7 +19,7 @@ from tests.integration.test_data_parallel import EXACT, KILL, RUN_ALL, assert_sa
 from retain import sharding
 from retain.config import load_config
 from retain.errors import RetainError
-from retain.loop import check_run, execute, load_run_config
+from retain.loop import check_run, execute, load_run_config, restore
 
 ROOT = Path(__file__).resolve().parents[2]
 #: Every strategy declared to run sharded (``sharded = ""``), each checked here.
@@ -84,6 +84,18 @@ def test_the_shipped_accelerate_config_runs_zero2(tiny_config, tmp_path):
     assert_same_sharded_run(one, two, tmp_path / "runs" / "one", tmp_path / "runs" / "two", "zero2")
 
 
+def test_one_process_shards_into_one_and_gives_the_unsharded_run(tiny_config, tmp_path):
+    """A sharded config run as one process (how the sharded path is checked on one GPU)."""
+    over = overrides("lora+replay+ewc", None)
+    one = execute(load_config(tiny_config("one", **over)), quiet=True)
+    alone = execute(load_config(tiny_config("alone", **over, train__sharding="zero3")), quiet=True)
+    assert alone["num_processes"] == 1 and alone["sharding"] == "zero3"
+    assert_same_run(one, alone, tmp_path / "runs" / "one", tmp_path / "runs" / "alone")
+    # `retain generate` / `serve` / `export` rebuild the run in one process, unsharded.
+    ctx, _ = restore(tmp_path / "runs" / "alone")
+    assert not sharding.is_sharded(ctx.model)
+
+
 def test_a_killed_sharded_run_resumes_sharded_or_in_one_process(tiny_config, tmp_path):
     """Killed inside task 2: the resume loads EWC's Fisher and anchors of task 1 as shards."""
     over = overrides("lora+replay+ewc")
@@ -126,15 +138,13 @@ def test_a_strategy_that_cannot_run_sharded_is_refused(tiny_config, monkeypatch,
 
 
 @pytest.mark.parametrize("over, match", [
-    ({}, "this run has one; launch it as N processes"),
     ({"model_quantization": "nf4", "strategy": "lora"}, None),
     ({"analysis": {"enabled": True}}, "analysis.enabled is not available in a sharded run"),
 ])
 def test_a_setting_a_sharded_run_cannot_honour_is_refused(tiny_config, monkeypatch, over, match):
     from retain.models import quantization
 
-    if over:
-        monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("WORLD_SIZE", "2")
     # Without a GPU quantization is refused on its own; the refusal checked here is sharding's.
     monkeypatch.setattr(quantization, "check", lambda config, stack: None)
     with pytest.raises(RetainError, match=match or "model_quantization is not available in a sharded run"):

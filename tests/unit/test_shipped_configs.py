@@ -18,6 +18,13 @@ def test_configs_are_shipped():
 def test_config_validates_and_names_its_command(path):
     rel = path.relative_to(ROOT)
     first = path.read_text(encoding="utf-8").splitlines()[0]
+    if "accelerate" in path.parts:  # an `accelerate launch` config, read by Accelerate itself
+        from accelerate.commands.config.config_args import load_config_from_file
+
+        assert f"accelerate launch --config_file {rel} -m retain.cli run" in path.read_text(encoding="utf-8")
+        config = load_config_from_file(str(path))
+        assert config.distributed_type == "FSDP" and config.fsdp_config["fsdp_version"] == 2
+        return
     if first == f"# retain study {rel}":
         from retain.study import load_study
 

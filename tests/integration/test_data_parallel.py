@@ -18,6 +18,9 @@ from retain.config import load_config
 from retain.errors import RetainError
 from retain.loop import check_run, execute, load_run_config
 
+#: One worker runs the module, so its 2-process launch (a module fixture) runs once, not once per worker.
+pytestmark = pytest.mark.xdist_group("data-parallel")
+
 #: Dropout off: its masks are drawn per process, so with it two processes draw other masks
 #: than one (the only difference the split makes beyond float summation order).
 #: Warm-up: the learning rate changes every step, so a scheduler stepped once per process shows.

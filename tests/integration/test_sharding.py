@@ -21,6 +21,8 @@ from retain.config import load_config
 from retain.errors import RetainError
 from retain.loop import check_run, execute, load_run_config, restore
 
+#: One worker runs the module, so its 2-process launch (a module fixture) runs once, not once per worker.
+pytestmark = pytest.mark.xdist_group("sharding")
 ROOT = Path(__file__).resolve().parents[2]
 #: Every strategy declared to run sharded (``sharded = ""``), each checked here.
 SHARDED = ["naive", "lora", "lora+replay", "ewc", "lora+replay+ewc", "joint", "rewarm+mix"]

@@ -145,22 +145,32 @@ def main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def first_refusal(stack: Any, attr: str, unchecked: str) -> tuple[str, str, str] | None:
+    """The first strategy of ``stack`` whose ``attr`` (``data_parallel``, ``sharded``) is not ""
+    (it works): its name, why not (``unchecked`` when it was not reviewed), and those that work."""
+    from retain.strategies import registry
+
+    for s in stack.strategies:
+        if getattr(s, attr) != "":
+            works = sorted(n for n, c in registry().items() if getattr(c, attr) == "")
+            return s.name, getattr(s, attr) or unchecked, ", ".join(works)
+    return None
+
+
 def check(config: Any, stack: Any, processes: int) -> None:
     """Refuse, before anything runs, what a run of ``processes`` processes would not do as
     one process does."""
     from retain.errors import RetainError
-    from retain.strategies import registry
 
     if processes <= 1:
         return
     launched = f"this run was launched as {processes} processes (WORLD_SIZE)"
-    for s in stack.strategies:
-        if s.data_parallel == "":
-            continue
-        works = sorted(n for n, c in registry().items() if c.data_parallel == "")
-        why = s.data_parallel or "it has not been checked to give the one-process result when the work is split"
-        raise RetainError(f"strategy '{s.name}' cannot run data-parallel: {why}; {launched}. Strategies that can: "
-                          f"{', '.join(works)}; or launch `retain run` as one process")
+    refused = first_refusal(stack, "data_parallel", "it has not been checked to give the one-process result when "
+                            "the work is split")
+    if refused:
+        name, why, works = refused
+        raise RetainError(f"strategy '{name}' cannot run data-parallel: {why}; {launched}. Strategies that can: "
+                          f"{works}; or launch `retain run` as one process")
     if config.train.batch_size < processes:
         raise RetainError(f"train.batch_size: {config.train.batch_size} cannot give each of the {processes} "
                           f"processes an example of every batch; {launched}. Use a batch of at least {processes}")

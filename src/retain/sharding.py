@@ -84,7 +84,7 @@ def without_accelerate_fsdp() -> Iterator[None]:
 def check(config: Any, stack: Any, mode: str | None, processes: int) -> None:
     """Refuse, before anything runs, a sharded run that would not do what it says."""
     from retain.errors import RetainError
-    from retain.strategies import registry
+    from retain.parallel import first_refusal
 
     if _truthy("ACCELERATE_USE_DEEPSPEED"):
         raise RetainError("ACCELERATE_USE_DEEPSPEED: retain does not run under DeepSpeed's engine (it takes over the "
@@ -94,13 +94,12 @@ def check(config: Any, stack: Any, mode: str | None, processes: int) -> None:
     if mode is None:
         return
     where = f"train.sharding: {mode}"
-    for s in stack.strategies:
-        if s.sharded == "":
-            continue
-        works = sorted(n for n, c in registry().items() if c.sharded == "")
-        why = s.sharded or "it has not been checked to give the one-process result on sharded weights"
-        raise RetainError(f"{where}: strategy '{s.name}' cannot run sharded: {why}. Strategies that can: "
-                          f"{', '.join(works)}; or drop train.sharding (a replicated data-parallel run)")
+    refused = first_refusal(stack, "sharded", "it has not been checked to give the one-process result on sharded "
+                            "weights")
+    if refused:
+        name, why, works = refused
+        raise RetainError(f"{where}: strategy '{name}' cannot run sharded: {why}. Strategies that can: {works}; or "
+                          "drop train.sharding (a replicated data-parallel run)")
     refused = [
         (config.model_quantization is not None, "model_quantization",
          "quantized weights (bitsandbytes) cannot be split into FSDP's shards"),

@@ -94,16 +94,21 @@ def run_name(strategy: str) -> str:
     return strategy.replace("+", "_")
 
 
-@pytest.fixture(scope="module")
-def two_process_runs(tmp_path_factory) -> Path:
-    """Every SPLIT strategy's 2-process run, all in one torchrun launch; their runs' folder."""
-    folder = tmp_path_factory.mktemp("split")
+def launch_all(folder: Path, runs: dict[str, dict]) -> Path:
+    """The 2-process runs named by ``runs`` (name -> config overrides), all in one torchrun
+    launch, so the processes start once; their runs' folder."""
     make = tiny_configs(folder)
-    configs = [str(make(f"two-{run_name(s)}", **overrides(s))) for s in SPLIT]
+    configs = [str(make(name, **over)) for name, over in runs.items()]
     script = folder / "run_all.py"
     script.write_text(RUN_ALL)
     torchrun(*configs, script=script, env={"HF_HUB_OFFLINE": "1", "RETAIN_CACHE_DIR": str(folder / "cache")})
     return folder / "runs"
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(tmp_path_factory) -> Path:
+    """Every SPLIT strategy's 2-process run."""
+    return launch_all(tmp_path_factory.mktemp("split"), {f"two-{run_name(s)}": overrides(s) for s in SPLIT})
 
 
 @pytest.mark.parametrize("strategy", SPLIT)

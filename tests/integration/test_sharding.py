@@ -14,8 +14,8 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from tests.conftest import small_options, tiny_configs
-from tests.integration.test_data_parallel import EXACT, KILL, RUN_ALL, assert_same_run, run_name, torchrun
+from tests.conftest import small_options
+from tests.integration.test_data_parallel import EXACT, KILL, assert_same_run, launch_all, run_name, torchrun
 from retain import sharding
 from retain.config import load_config
 from retain.errors import RetainError
@@ -36,13 +36,7 @@ def overrides(strategy: str, mode: str | None = "zero3") -> dict:
 @pytest.fixture(scope="module")
 def sharded_runs(tmp_path_factory) -> Path:
     """Every SHARDED strategy with zero3, in one torchrun launch."""
-    folder = tmp_path_factory.mktemp("sharded")
-    make = tiny_configs(folder)
-    configs = [str(make(f"two-{run_name(s)}", **overrides(s))) for s in SHARDED]
-    script = folder / "run_all.py"
-    script.write_text(RUN_ALL)
-    torchrun(*configs, script=script, env={"HF_HUB_OFFLINE": "1", "RETAIN_CACHE_DIR": str(folder / "cache")})
-    return folder / "runs"
+    return launch_all(tmp_path_factory.mktemp("sharded"), {f"two-{run_name(s)}": overrides(s) for s in SHARDED})
 
 
 def adapters(run_dir: Path) -> dict:

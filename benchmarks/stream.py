@@ -231,6 +231,13 @@ def main() -> None:
         results[name] = load_results(Path(args.out) / name)
         print(f"{name}: {results[name]['metrics']} in {time.perf_counter() - start:.0f}s", flush=True)
         atomic_write_json(RESULTS / folder / f"{name}.json", results[name])
+    if args.only and args.suite != "engine":
+        # The summary covers every finished run of the suite, not only those this call ran.
+        for name in SUITES[args.suite]:
+            kept = RESULTS / folder / f"{name}.json"
+            if name not in results and kept.is_file():
+                results[name] = load_results(kept)
+        results = {n: results[n] for n in SUITES[args.suite] if n in results}
     runs = list(results.values())
     if args.suite != "engine":
         summarize_suite(args.suite, folder, results, runs)

@@ -146,7 +146,7 @@ def restore_progress(run_dir: Path, progress: Progress, model: torch.nn.Module, 
     returns the strategies' phase state with its tensors put back."""
     path = folder(run_dir) / str(progress.tensors)
     tensors = _load_tensors(path)
-    result = model.load_state_dict(sharding.fit_state_dict(model, tensors), strict=False)
+    result = model.load_state_dict(sharding.fit(model, tensors), strict=False)
     if result.unexpected_keys:
         raise RetainError(f"{path}: tensors do not fit the model (e.g. {result.unexpected_keys[0]})")
     opt_path = folder(run_dir) / str(progress.optimizer)
@@ -191,7 +191,7 @@ def restore_tensors(run_dir: Path, model: torch.nn.Module, state: RunState) -> N
     missing = sorted(set(state.trained_keys) - set(tensors))
     if missing:
         raise RetainError(f"{path}: lacks {len(missing)} trained tensors (e.g. {missing[0]})")
-    result = model.load_state_dict(sharding.fit_state_dict(model, tensors), strict=False)
+    result = model.load_state_dict(sharding.fit(model, tensors), strict=False)
     if result.unexpected_keys:
         raise RetainError(f"{path}: tensors do not fit the model (e.g. {result.unexpected_keys[0]})")
 

@@ -492,7 +492,7 @@ def prepare(config: RunConfig, ui: UI, project_dir: Path | None = None) -> tuple
     ctx.model = accelerator.prepare_model(ctx.model, evaluation_mode=processes.count > 1)
     if mode is not None:
         ctx.model = sharding.shard(ctx.model, mode)
-        processes.sharded = True
+        processes.sharding = mode
     return ctx, stack
 
 
@@ -531,9 +531,9 @@ def execute(config: RunConfig, *, run_dir: Path | None = None, resume: bool = Fa
     if saved:
         run.state = saved
         stack.load_state_dict(ctx, saved.strategy)
-        tensors = checkpoint.load_strategy_tensors(run_dir, saved, ctx.accelerator.device)
         # Sharded: a strategy's per-weight tensors (EWC's Fisher and anchors) become shards like the weights.
-        stack.load_state_tensors(sharding.fit_named(ctx.model, tensors) if ctx.processes.sharded else tensors)
+        stack.load_state_tensors(sharding.fit(ctx.model, checkpoint.load_strategy_tensors(
+            run_dir, saved, ctx.accelerator.device)))
         checkpoint.restore_tensors(run_dir, ctx.accelerator.unwrap_model(ctx.model), saved)
         inside = f", inside phase {saved.progress.phase + 1} at step {saved.progress.step}" if saved.progress else ""
         ui.info(f"resuming {run_dir} after {saved.completed_phases} completed phase(s){inside}")
@@ -542,7 +542,7 @@ def execute(config: RunConfig, *, run_dir: Path | None = None, resume: bool = Fa
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config.resolved(), sort_keys=False))
     run.tracking = tracking = Tracking(ctx.accelerator, config, run_dir)
     run.state.num_processes = ctx.processes.count
-    run.state.sharding = sharding.requested(config)
+    run.state.sharding = ctx.processes.sharding
 
     def track(row: list[float], probe: float | None) -> None:
         suites = {p.name: run.details[p.name] for p in ctx.stream.probes if p.name in run.details}

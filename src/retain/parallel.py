@@ -43,9 +43,13 @@ class Processes:
         self.rank = accelerator.process_index if accelerator is not None else 0
         # Where collectives' tensors live (NCCL reduces CUDA tensors only).
         self.device = accelerator.device if accelerator is not None else torch.device("cpu")
-        #: The model is sharded (``retain.sharding``): FSDP reduces the gradients, and every
-        #: forward is a collective, so evaluation runs in lockstep on all items.
-        self.sharded = False
+        #: "zero2" / "zero3" when the model is sharded (``retain.sharding``): FSDP reduces the
+        #: gradients, and every forward is a collective, so evaluation runs in lockstep on all items.
+        self.sharding: str | None = None
+
+    @property
+    def sharded(self) -> bool:
+        return self.sharding is not None
 
     @property
     def evaluation(self) -> "Processes":

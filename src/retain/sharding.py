@@ -34,7 +34,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-MODES = ("zero2", "zero3")
 #: Whether ``shard`` started the process group (a run of one process), so ``release`` ends it.
 _own_group: list[bool] = []
 #: What an ``accelerate launch`` with an FSDP config sets, and the mode each value means.
@@ -120,7 +119,7 @@ def causal_lm(model: nn.Module) -> nn.Module:
 def shard(model: nn.Module, mode: str) -> nn.Module:
     """Shard ``model`` in place: each decoder layer its own group, the rest (embeddings, the
     tied head, the final norm) the root's. Gradients are reduce-scattered as plain sums."""
-    from torch.distributed.fsdp import FSDPModule, fully_shard
+    from torch.distributed.fsdp import fully_shard
 
     from retain.errors import RetainError
 
@@ -139,13 +138,19 @@ def shard(model: nn.Module, mode: str) -> nn.Module:
     for layer in layers:
         fully_shard(layer, reshard_after_forward=reshard)
     fully_shard(lm, reshard_after_forward=reshard)
-    for module in lm.modules():
-        if isinstance(module, FSDPModule):
-            # The loop divides token losses by the global count, so the shares' gradients add
-            # up; a plain SUM also keeps gloo (no PREMUL_SUM) usable.
-            module.set_gradient_divide_factor(1.0)
-            module.set_force_sum_reduction_for_comms(True)
+    for module in fsdp_modules(model):
+        # The loop divides token losses by the global count, so the shares' gradients add
+        # up; a plain SUM also keeps gloo (no PREMUL_SUM) usable.
+        module.set_gradient_divide_factor(1.0)
+        module.set_force_sum_reduction_for_comms(True)
     return model
+
+
+def fsdp_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules FSDP manages (the model's decoder layers and root), none when unsharded."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in causal_lm(model).modules() if isinstance(m, FSDPModule)]
 
 
 def release() -> None:
@@ -157,11 +162,8 @@ def release() -> None:
 
 def reshard(model: nn.Module) -> None:
     """Put every gathered weight back into its shards (no-op for a model that is not sharded)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    for module in causal_lm(model).modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()
+    for module in fsdp_modules(model):
+        module.reshard()
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -206,18 +208,13 @@ def shaped_like(reference: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
                               stride=reference.stride())
 
 
-def fit_named(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A strategy's saved tensors keyed ``.../<weight name>`` (EWC's Fisher and anchors), each
-    cut to this process's shard of that weight."""
+def fit(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Full tensors from a checkpoint, each cut to this process's shard of the weight its key
+    names: a weight's own name, or ``.../<weight name>`` (a strategy's per-weight tensors,
+    EWC's Fisher and anchors). Unchanged for a model that is not sharded."""
     current = model.state_dict()
-    return {k: like(current[k.rsplit("/", 1)[-1]], v) if k.rsplit("/", 1)[-1] in current else v
-            for k, v in tensors.items()}
-
-
-def fit_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Full tensors from a checkpoint, each cut to this process's shard of the model's weight."""
-    current = model.state_dict()
-    return {k: like(current[k], v) if k in current else v for k, v in tensors.items()}
+    weight = {k: k.rsplit("/", 1)[-1] for k in tensors}  # weight names hold dots, never slashes
+    return {k: like(current[weight[k]], v) if weight[k] in current else v for k, v in tensors.items()}
 
 
 def full_optimizer_state(state: dict[str, Any]) -> dict[str, Any]:

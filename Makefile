@@ -23,8 +23,9 @@ demo: setup
 
 # Two pytest workers of one thread each: on tiny models, two single-threaded processes do more
 # than one process with two threads. Tests that share a cache or start clusters are grouped
-# onto one worker (xdist_group).
-PYTEST = OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadgroup
+# onto one worker (xdist_group). --durations lists the slowest tests, so that a suite creeping
+# towards CI's 15-minute budget shows where.
+PYTEST = OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadgroup --durations=30
 
 test: setup
 	$(PYTEST)

@@ -12,6 +12,11 @@ process each, as ``retain run`` runs them, and reads from each run's results:
 - the final AA and the last phase's training loss.
 
     .venv/bin/python benchmarks/cpu_precision.py [--rounds 2] [--steps 4] [--items 20]
+
+``--matmul`` measures only one of SmolLM2-135M's MLP projections (8 x 256 tokens, 576 -> 1536)
+in fp32 and under bf16 autocast, alternating, on this CPU, and adds a row for its CPU to
+``results/cpu-precision-matmul.{md,json}`` (seconds; rows of other CPUs are kept): whether
+``train.precision: bf16`` pays on the machine at hand.
 """
 
 from __future__ import annotations
@@ -22,9 +27,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
-from common import machine, write
+from common import RESULTS, machine, write
 
 ROOT = Path(__file__).resolve().parents[1]
 PRECISIONS = ("fp32", "bf16")
@@ -64,12 +70,53 @@ def agreement(a: dict, b: dict) -> tuple[int, int]:
     return same, total
 
 
+def matmul_seconds(autocast: bool, repeats: int = 20) -> float:
+    import torch
+
+    layer, x = torch.nn.Linear(576, 1536), torch.randn(8 * 256, 576)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        for _ in range(3):
+            layer(x)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            layer(x)
+    return (time.perf_counter() - start) / repeats
+
+
+def matmul(rounds: int) -> None:
+    times = {p: [] for p in PRECISIONS}
+    for _ in range(rounds):
+        for p in PRECISIONS:
+            times[p].append(matmul_seconds(p == "bf16"))
+    m = machine()
+    path = RESULTS / "cpu-precision-matmul.json"
+    rows = json.loads(path.read_text())["rows"] if path.is_file() else {}
+    fp32, bf16 = statistics.median(times["fp32"]), statistics.median(times["bf16"])
+    rows[f"{m['cpu']} ({m['cpu_capability']})"] = {
+        "machine": m, "fp32_ms": round(1e3 * fp32, 2), "bf16_ms": round(1e3 * bf16, 2),
+        "bf16_speedup": round(fp32 / bf16, 3), "rounds": rounds}
+    md = ["# One matmul in fp32 and under bf16 autocast, per CPU", "",
+          "SmolLM2-135M's MLP up-projection on 8 x 256 tokens (576 -> 1536), forward only, 20 repeats after "
+          "3 warm-ups, medians of alternating rounds; one row per CPU this was run on "
+          "(`benchmarks/cpu_precision.py --matmul`).", "",
+          "| CPU | capability | native bf16 | threads | fp32 ms | bf16 ms | bf16 speed-up | date |",
+          "|---|---|---|---|---|---|---|---|",
+          *[f"| {cpu} | {r['machine']['cpu_capability']} | {'yes' if r['machine']['cpu_native_bf16'] else 'no'} | "
+            f"{r['machine']['torch_threads']} | {r['fp32_ms']:.1f} | {r['bf16_ms']:.1f} | {r['bf16_speedup']:.2f}x | "
+            f"{r['machine']['date'][:10]} |" for cpu, r in rows.items()], ""]
+    write("cpu-precision-matmul", {"rows": rows}, "\n".join(md))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--steps", type=int, default=4, help="steps of batch 8 per task (4 tasks)")
     ap.add_argument("--items", type=int, default=20, help="test items per task and per probe")
+    ap.add_argument("--matmul", action="store_true", help="only the matmul comparison (seconds), one row per CPU")
     args = ap.parse_args()
+    if args.matmul:
+        matmul(max(args.rounds, 3))
+        return
     rounds = []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.rounds):

@@ -5,7 +5,7 @@ the records add encoding them into results.json, the bootstrap intervals and the
 forgotten-examples lists at the end of the run. This measures those against each run's own
 wall time, on finished runs (results.json files), and the share of results.json they take.
 
-    .venv/bin/python benchmarks/records_cost.py runs/published/standard-cl/*/results.json
+    .venv/bin/python benchmarks/records_cost.py ~/.cache/retain/bench/published/standard-cl/*/results.json
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import machine, write
+from common import machine, runs_dir, write
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENS = 16
@@ -129,7 +129,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=32, help="requests per setting and round")
     ap.add_argument("--rounds", type=int, default=3, help="rounds; each setting is measured once per round")
-    ap.add_argument("--out", default=str(ROOT / "runs" / "bench"))
+    ap.add_argument("--out", default=str(runs_dir("serve")),
+                    help="run directories (default: $RETAIN_BENCH_DIR/serve or ~/.cache/retain/bench/serve)")
     args = ap.parse_args()
     from retain.handover import load
 

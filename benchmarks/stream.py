@@ -47,7 +47,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import RESULTS, machine, write
+from common import RESULTS, machine, runs_dir, write
 from retain.io import atomic_write_json
 from retain.reporting import load_results
 from retain.reporting.compare import compare_plot, comparison_table
@@ -191,7 +191,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--suite", choices=sorted(SUITES), default="engine")
     ap.add_argument("--only", default=None, help="comma-separated subset of the suite's runs")
-    ap.add_argument("--out", default=str(ROOT / "runs" / "bench"))
+    ap.add_argument("--out", default=str(runs_dir("stream")),
+                    help="run directories (default: $RETAIN_BENCH_DIR/stream or ~/.cache/retain/bench/stream)")
     ap.add_argument("--summarize-only", action="store_true",
                     help="rebuild the summary from the per-run results already in benchmarks/results/<suite>/")
     ap.add_argument("--seeds", default=None, help="e.g. 0,1,2: each run once per seed (resumable), summarized "

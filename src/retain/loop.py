@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import resource
@@ -48,6 +49,8 @@ from retain.online import OnlineRun
 from retain.privacy import PrivateTraining, poisson_batches
 from retain.tracking import Tracking
 from retain.ui import UI
+
+log = logging.getLogger(__name__)
 
 
 def peak_memory_mb() -> float:
@@ -474,6 +477,9 @@ def prepare(config: RunConfig, ui: UI, project_dir: Path | None = None) -> tuple
     # split_batches: the loop splits each global batch itself, so the prepared scheduler steps
     # once per optimizer step, not once per process (Accelerate ignores the old split_batches
     # argument: it must come through DataLoaderConfiguration).
+    slow = slow_cpu_precision(config.train.precision, cpu)
+    if slow:
+        log.warning(slow)
     mode = sharding.requested(config)
     with sharding.without_accelerate_fsdp():
         accelerator = Accelerator(cpu=cpu, mixed_precision=config.train.precision, log_with=trackers or None,
@@ -494,6 +500,22 @@ def prepare(config: RunConfig, ui: UI, project_dir: Path | None = None) -> tuple
         ctx.model = sharding.shard(ctx.model, mode)
         processes.sharding = mode
     return ctx, stack
+
+
+def slow_cpu_precision(precision: str, cpu: bool) -> str | None:
+    """Why bf16/fp16 autocast would slow this run down, or None: on a CPU without native bf16/fp16
+    matmuls (no AVX512-BF16/AMX, e.g. AVX2-only) oneDNN emulates them, ~5x slower than fp32 on a
+    2-core AMD EPYC, where a CPU with AVX512-BF16 runs them ~2x faster
+    (benchmarks/results/cpu-precision.md)."""
+    if not cpu or precision == "no":
+        return None
+    native = (torch.ops.mkldnn._is_mkldnn_bf16_supported() if precision == "bf16"
+              else torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    if native:
+        return None
+    return (f"train.precision={precision} on a CPU without native {precision} matmuls "
+            f"({torch.backends.cpu.get_cpu_capability()}): autocast emulates them, several times slower "
+            "than fp32; set train.precision=no here")
 
 
 def run_dir_for(config: RunConfig) -> Path:

@@ -37,6 +37,7 @@ def test_run_writes_a_complete_run_directory(tiny_config, tmp_path):
     assert results["metrics"]["BWT"] == 0.0  # adapters are isolated: scores cannot move
     assert results["probe"]["base"] is not None and len(results["probe"]["after_phase"]) == 2
     assert results["timings"][0]["tokens_per_s"] > 0 and results["peak_memory_mb"] > 0
+    assert results["precision"] == "no"  # fp32, recorded so runs of other precisions are not mixed unmarked
     assert "report:" in result.output and "AA" in result.output
     assert "data:image/png;base64" in (run / "report.html").read_text()
 

@@ -60,3 +60,16 @@ def test_a_multi_process_launch_accepts_a_strategy_that_splits_and_refuses_one_t
     check_run(config(tiny_config))  # naive splits its batches
     with pytest.raises(RetainError, match="strategy 'l2p' cannot run data-parallel"):
         check_run(config(tiny_config, strategy="l2p"))
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_a_cpu_without_native_bf16_is_flagged_as_slow(monkeypatch, native):
+    from retain.loop import slow_cpu_precision
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+    assert slow_cpu_precision("no", cpu=True) is None
+    assert slow_cpu_precision("bf16", cpu=False) is None  # a GPU runs bf16 natively
+    why = slow_cpu_precision("bf16", cpu=True)
+    assert (why is None) == native
+    if not native:
+        assert "train.precision=bf16" in why and "set train.precision=no" in why

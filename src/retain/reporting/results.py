@@ -120,6 +120,9 @@ def build_results(config, stream, state: dict[str, Any]) -> dict[str, Any]:
         "peak_memory_mb": state.get("peak_memory_mb"),
         "num_processes": state.get("num_processes", 1),
         "sharding": state.get("sharding"),
+        # The arithmetic the run trained and scored in ("no": fp32), so figures of different
+        # precisions are not put side by side unmarked.
+        "precision": config.train.precision,
         "updates": state.get("updates", []),
         # Per-task methods: scores with the task predicted from the input (task-agnostic).
         "routing": state.get("routing"),

@@ -15,7 +15,7 @@ process each, as ``retain run`` runs them, and reads from each run's results:
 
 ``--matmul`` measures only one of SmolLM2-135M's MLP projections (8 x 256 tokens, 576 -> 1536)
 in fp32 and under bf16 autocast, alternating, on this CPU, and adds a row for its CPU to
-``results/cpu-precision-matmul.{md,json}`` (seconds; rows of other CPUs are kept): whether
+``results/cpu-precision-matmul.{md,json}`` (milliseconds; rows of other CPUs are kept): whether
 ``train.precision: bf16`` pays on the machine at hand.
 """
 

@@ -76,7 +76,8 @@ def run(suite: str, name: str, config: str, budget: dict, out: Path) -> dict:
 
 def precision_of(r: dict) -> str:
     """fp32 or bf16; results written before results.json recorded it ran under the budget's bf16."""
-    return {"no": "fp32"}.get(r.get("precision", "bf16"), r.get("precision", "bf16"))
+    precision = r.get("precision", "bf16")
+    return "fp32" if precision == "no" else precision
 
 
 def table(suite: str, results: dict) -> list[str]:

@@ -474,12 +474,12 @@ def prepare(config: RunConfig, ui: UI, project_dir: Path | None = None) -> tuple
     cpu = config.train.device == "cpu" or not torch.cuda.is_available()
     # Trackers (config.trackers) log through the Accelerator; only a run directory has them.
     trackers = config.trackers if project_dir is not None else []
-    # split_batches: the loop splits each global batch itself, so the prepared scheduler steps
-    # once per optimizer step, not once per process (Accelerate ignores the old split_batches
-    # argument: it must come through DataLoaderConfiguration).
     slow = slow_cpu_precision(config.train.precision, cpu)
     if slow:
         log.warning(slow)
+    # split_batches: the loop splits each global batch itself, so the prepared scheduler steps
+    # once per optimizer step, not once per process (Accelerate ignores the old split_batches
+    # argument: it must come through DataLoaderConfiguration).
     mode = sharding.requested(config)
     with sharding.without_accelerate_fsdp():
         accelerator = Accelerator(cpu=cpu, mixed_precision=config.train.precision, log_with=trackers or None,

@@ -39,6 +39,7 @@ from retain.batching import batch_stream, collate, token_lengths
 from retain.evaluation.scoring import evaluate_task, work_units
 from retain.evaluation.uncertainty import item_record
 from retain.io import atomic_write_text
+from retain.lm_loss import lm_outputs
 from retain.models import load_model
 from retain.routing import agnostic_evaluation
 from retain.state import Progress, RunState, phase_seed
@@ -312,14 +313,14 @@ class Run:
         share = processes.share(items)
         batch = collate(ctx.tokenizer, share, self.config.train.max_length)
         batch = {k: v.to(ctx.accelerator.device) for k, v in batch.items()}
-        split = {}
+        num_items = None
         if processes.count > 1:
-            # transformers' loss divides the summed token losses by num_items_in_batch; the loss
-            # function shifts labels by one, so the targets are labels[:, 1:].
+            # The summed token losses are divided by the global count of targets; a label at
+            # column c is predicted at c - 1, so the targets are labels[:, 1:].
             targets = processes.sum(int((batch["labels"][:, 1:] != -100).sum()))[0]
-            split["num_items_in_batch"] = max(int(targets), 1)
+            num_items = max(int(targets), 1)
         with ctx.accelerator.autocast():
-            outputs = ctx.model(**batch, **split)
+            outputs = lm_outputs(ctx.model, batch, num_items, full_logits=stack.reads_all_logits)
             # A batch of only strategy-scored items (distillation) has no LM loss.
             has_labels = bool((batch["labels"] != -100).any())
             loss = outputs.loss if has_labels else outputs.logits.sum() * 0.0

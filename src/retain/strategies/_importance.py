@@ -12,6 +12,7 @@ import torch
 from retain import sharding
 from retain.batching import collate
 from retain.evaluation.scoring import eval_mode
+from retain.lm_loss import lm_outputs
 from retain.parallel import SINGLE, Processes
 from retain.streams.task import Item
 
@@ -41,7 +42,7 @@ def diagonal_fisher(model, tokenizer, items: list[Item], params: dict[str, torch
         for item in sample:
             batch = {k: v.to(device) for k, v in collate(tokenizer, [item], max_length).items()}
             n_target = int((batch["labels"][:, 1:] != -100).sum())
-            log_likelihood = -model(**batch).loss * n_target
+            log_likelihood = -lm_outputs(model, batch).loss * n_target
             grads = torch.autograd.grad(log_likelihood, tensors, allow_unused=True)
             for name, g in zip(names, grads):
                 if g is not None:
@@ -66,7 +67,7 @@ def _sharded_fisher(model, tokenizer, sample: list[Item], params: dict[str, torc
                 p.grad = None
             batch = {k: v.to(device) for k, v in collate(tokenizer, [item], max_length).items()}
             n_target = int((batch["labels"][:, 1:] != -100).sum())
-            (-model(**batch).loss * n_target).backward()
+            (-lm_outputs(model, batch).loss * n_target).backward()
             for name, p in params.items():
                 if p.grad is not None:
                     parts[name] += (sharding.local(p.grad).float() / copies) ** 2
@@ -84,7 +85,7 @@ def gradient_magnitude(model, tokenizer, items: list[Item], params: dict[str, to
     names, tensors = list(params), list(params.values())
     for start in range(0, len(sample), batch_size):
         batch = {k: v.to(device) for k, v in collate(tokenizer, sample[start : start + batch_size], max_length).items()}
-        grads = torch.autograd.grad(model(**batch).loss, tensors, allow_unused=True)
+        grads = torch.autograd.grad(lm_outputs(model, batch).loss, tensors, allow_unused=True)
         for name, g in zip(names, grads):
             if g is not None:
                 total[name] += g.detach().float().abs()

@@ -96,6 +96,9 @@ class Strategy:
     #: Wraps the model in a module that rewrites its input (soft prompts, routing on the whole
     #: sequence): scored option by option, and not handed to lm-eval.
     rewrites_input: ClassVar[bool] = False
+    #: ``extra_loss`` reads the logits of every position (distillation against a teacher's):
+    #: the loop then computes them all instead of only the columns that predict a target.
+    reads_logits: ClassVar[bool] = False
     #: Relies on the loop's own AdamW step (gradient masks with weight decay 0).
     needs_loop_optimizer: ClassVar[bool] = False
     #: Why ``retain export`` cannot hand this method's model over as PEFT adapters or plain
@@ -377,6 +380,11 @@ class StrategyStack:
         """Whether a checkpoint inside a phase can be resumed exactly (not when a phase runs
         outside the loop, e.g. in TRL's trainer)."""
         return all(s.resumes_mid_phase for s in self.strategies)
+
+    @property
+    def reads_all_logits(self) -> bool:
+        """Whether the training step must compute every position's logits (a strategy reads them)."""
+        return any(s.reads_logits for s in self.strategies)
 
     @property
     def takes_over_phase(self) -> bool:

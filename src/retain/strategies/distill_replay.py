@@ -67,6 +67,7 @@ class DistillReplay(Strategy):
     options_key = "distill-replay"
     Options = DistillReplayOptions
     acts_on_earlier = True
+    reads_logits = True
 
     def __init__(self, options: DistillReplayOptions | None = None) -> None:
         super().__init__(options)

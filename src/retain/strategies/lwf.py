@@ -43,6 +43,7 @@ class LwF(Strategy):
     Options = LwFOptions
     acts_on_earlier = True
     distils_previous_model = True
+    reads_logits = True
 
     def __init__(self, options: LwFOptions | None = None) -> None:
         super().__init__(options)

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from retain.batching import collate
 from retain.evaluation.scoring import continuation_logprobs, eval_mode
+from retain.lm_loss import lm_outputs
 from retain.streams.task import Item
 from retain.strategies._memory import Reservoir, rng_state, set_rng_state
 from retain.strategies.base import Context, Strategy, register
@@ -51,7 +52,7 @@ def interference(ctx: Context, batch: list[Item], candidates: list[Item], lr: fl
     saved = [p.detach().clone() for p in params]
     inputs = {k: v.to(params[0].device) for k, v in collate(ctx.tokenizer, batch, ctx.config.train.max_length).items()}
     with eval_mode(ctx.model):
-        loss = ctx.model(**inputs).loss
+        loss = lm_outputs(ctx.model, inputs).loss
         grads = torch.autograd.grad(loss, params, allow_unused=True)
     try:
         with torch.no_grad():

@@ -32,7 +32,8 @@ def target_columns(labels: torch.Tensor) -> torch.Tensor:
 
 def lm_outputs(model: torch.nn.Module, batch: dict[str, torch.Tensor], num_items: int | None = None,
                full_logits: bool = False) -> Any:
-    """The model's outputs on ``batch`` with ``.loss`` the mean token loss on its labels.
+    """The model's outputs on ``batch``; ``.loss`` is the token loss on its labels, averaged over
+    them or, given ``num_items``, summed and divided by it.
 
     ``full_logits``: every position's logits (for strategies that read them). Otherwise
     ``.logits`` holds only the columns of ``target_columns``, except for wrappers that rewrite

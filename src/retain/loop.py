@@ -192,8 +192,12 @@ class Run:
             # The phase began again from its start (weights, strategies, seeds); replaying the
             # batch draws brings every generator and memory RNG to the checkpoint's step
             # without running the model, then the step's weights, optimizer and RNGs load.
-            for _ in islice(batches, progress.step):
-                pass
+            ctx.fast_forward = True
+            try:
+                for _ in islice(batches, progress.step):
+                    pass
+            finally:
+                ctx.fast_forward = False
             phase_state = checkpoint.restore_progress(self.run_dir, progress, ctx.accelerator.unwrap_model(ctx.model),
                                                       optimizer, scheduler)
             stack.load_phase_state(ctx, phase_state)

@@ -133,6 +133,29 @@ def test_online_run_killed_inside_the_pass_resumes_exactly(tiny_config, tmp_path
     assert resumed["online"]["prequential"] == full["online"]["prequential"]
 
 
+def test_mir_killed_inside_the_pass_resumes_exactly_without_redoing_its_virtual_steps(tiny_config, tmp_path,
+                                                                                     monkeypatch):
+    """Fast-forwarding to the checkpoint draws MIR's candidates (its RNG stays in step) but runs no
+    virtual step: those cost as much as real steps, and the batches they pick never train."""
+    import retain.loop as loop
+    import retain.strategies.mir as mir
+
+    over = dict(strategy="lora+mir", mir={"buffer_size": 8, "candidates": 4, "retrieve": 2},
+                train__checkpoint_every=2)
+    full = execute(online_config(tiny_config, "full", **over), quiet=True)
+    run_dir, state = killed_at_sixth_step(tiny_config, tmp_path, monkeypatch, over)
+    assert len(state["progress"]["losses"]) == 4
+    calls = []
+    real = mir.interference
+    monkeypatch.setattr(mir, "interference", lambda *args: calls.append(1) or real(*args))
+    resumed = execute(loop.load_run_config(run_dir), run_dir=run_dir, resume=True, quiet=True)
+    steps = resumed["timings"][0]["steps"]
+    assert len(calls) == steps - 4  # only the steps after the checkpoint's fourth
+    assert resumed["R"] == full["R"] and resumed["online"]["curve"] == full["online"]["curve"]
+    assert resumed["online"]["prequential"] == full["online"]["prequential"]
+    assert resumed["strategy_stats"] == full["strategy_stats"]
+
+
 def test_mir_retrieves_the_candidates_a_virtual_step_hurts_most(tiny_config):
     """Against brute force: each candidate's loss before and after the same SGD step on a copy."""
     from types import SimpleNamespace
@@ -144,7 +167,7 @@ def test_mir_retrieves_the_candidates_a_virtual_step_hurts_most(tiny_config):
     model.train()
     cfg = SimpleNamespace(eval=SimpleNamespace(batch_size=8), train=SimpleNamespace(max_length=64, lr=0.5),
                           seed=0, online=None)
-    ctx = SimpleNamespace(model=model, tokenizer=tok, config=cfg)
+    ctx = SimpleNamespace(model=model, tokenizer=tok, config=cfg, fast_forward=False)
     batch = [Item("a", f"upper {w}", w.upper()) for w in ("cat", "dog", "sun", "sky")]
     memory = [Item("b", f"is {i} small?", "yes" if i < 5 else "no") for i in range(6)] + \
              [Item("a", f"upper {w}", w.upper()) for w in ("red", "map", "pen", "cup")]

@@ -46,6 +46,11 @@ class Context:
     phase: int = -1
     #: The processes of a data-parallel run (one by default): shares of work and reductions.
     processes: Processes = field(default_factory=Processes)
+    #: True while a resumed phase replays its batch draws up to the checkpoint's step: those
+    #: batches never train, so a strategy's ``batches`` may skip model work for them (MIR's
+    #: virtual steps), but must still make every RNG draw, so that it reaches the checkpoint's
+    #: step in the same state.
+    fast_forward: bool = False
 
     @property
     def phase_seed(self) -> int:

@@ -111,9 +111,11 @@ class MIR(Strategy):
             return []
         candidates = self.rng.sample(records, min(self.options.candidates, len(records)))
         k = min(self.options.retrieve or len(batch), len(candidates))
+        self.retrieved += k
+        if ctx.fast_forward:  # the draws above keep the RNG in step; the virtual step would cost a real one
+            return candidates[:k]
         scores = interference(ctx, batch, candidates, self.options.lr or ctx.config.train.lr)
         picked = torch.argsort(scores, descending=True, stable=True)[:k].tolist()
-        self.retrieved += k
         return [candidates[i] for i in picked]
 
     def after_task(self, ctx: Context, tasks) -> None:

@@ -436,8 +436,10 @@ def online_table(results: dict) -> list[str]:
 
 def summarize_suite(suite: str, folder: str, results: dict, runs: list) -> None:
     m = machine()
-    head = [f"{m['device']}, {m['torch_threads']} threads, {m['date']}; configs `configs/<run>.yaml`; "
-            f"per-run results in `{folder}/`.", ""]
+    # Runs are kept and resumed one by one, often on different machines, so this line names
+    # only where the summary was written; times compare within one machine (see the README).
+    head = [f"Summary written {m['date']} ({m['device']}); runs measured one by one, possibly on different "
+            f"CPUs and thread counts; configs `configs/<run>.yaml`; per-run results in `{folder}/`.", ""]
     if suite == "cpt":
         body = ["# Continual pre-training on the `domains` stream", "", *head, *cpt_tables(results)]
     elif suite == "architecture":

@@ -70,7 +70,9 @@ def test_each_example_gradient_is_clipped_to_the_configured_norm():
     dp.step(batch, params, optimizer, contextlib.nullcontext)
     dp.end()
     for b, p, e in zip(before, params, expected):
-        torch.testing.assert_close(b - p.detach(), e / 3, rtol=1e-6, atol=1e-11)
+        # atol covers the residual noise (std 1e-12 per coordinate) and summation order; one CI
+        # run saw 1.6e-11. The clipped updates themselves are ~1e-6 and above.
+        torch.testing.assert_close(b - p.detach(), e / 3, rtol=1e-6, atol=1e-10)
 
 
 def test_reported_epsilon_is_opacus_accountant_for_the_same_steps(tiny_config):

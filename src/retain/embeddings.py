@@ -34,19 +34,29 @@ def embed_texts(model, tokenizer, texts: Sequence[str], batch_size: int = 32, ma
 
 @torch.no_grad()
 def pooled_query(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 labels: torch.Tensor | None = None) -> torch.Tensor:
+                 labels: torch.Tensor | None = None, query_mask: torch.Tensor | None = None) -> torch.Tensor:
     """The same embedding for a batch already tokenized: L2-normalized mean of the last hidden
-    states over the input's tokens (attended, and not answer tokens when labels are given,
-    so a training example is queried by its prompt alone, as at inference)."""
+    states over the input's tokens: attended, not answer tokens when labels are given (a
+    training example) and not the continuation a scorer appended (``query_mask`` 0), so
+    training, scoring and generation all query by the prompt alone."""
     hidden = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states[-1]
-    use = attention_mask.bool() if labels is None else attention_mask.bool() & (labels == -100)
+    use = attention_mask.bool()
+    if labels is not None:
+        use = use & (labels == -100)
+    if query_mask is not None:
+        use = use & query_mask.bool()
     w = use.unsqueeze(-1).to(hidden.dtype)
     return F.normalize(((hidden * w).sum(1) / w.sum(1).clamp(min=1)).float(), dim=-1)
 
 
 class ModelWrapper(torch.nn.Module):
     """A module around a transformers model whose other attributes (config,
-    generation_config, ...) read through to it, so the loop and scorers can use either."""
+    generation_config, ...) read through to it, so the loop and scorers can use either.
+
+    Its ``forward`` takes ``query_mask`` (1 on the prompt, 0 on an appended continuation):
+    a scorer that appends each answer option to the prompt passes it, so a wrapper that
+    routes by its input (prompt selection, expert or adapter routing) routes every option
+    of an item the same way, by the prompt, as it does in training and generation."""
 
     #: Positions the wrapper adds in front of every input (soft prompts): scoring leaves room for them.
     added_positions: int = 0

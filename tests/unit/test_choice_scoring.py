@@ -7,6 +7,7 @@ import math
 import random
 
 import pytest
+import torch
 
 from retain.evaluation.scoring import (binomial_stderr, choice_logliks, continuation_logprobs, evaluate_task, pick,
                                        shared_prefix_logliks)
@@ -172,3 +173,62 @@ def test_results_record_standard_errors_and_the_sample(tiny_config):
     small = results["evaluations"][1]["scores"]["small"]
     assert {"acc", "acc_norm", "stderr", "n"} <= set(small) and small["n"] == 4
     assert results["task_scoring"] == {"upper": "exact_match", "small": "acc"}
+
+
+def _prompt_pool(model):
+    from retain.strategies.l2p import L2POptions, PromptPool
+
+    return PromptPool(model, L2POptions(pool_size=4, prompt_length=2, top_n=1), ["a", "b"])
+
+
+def _expert_mixture(model):
+    from retain.strategies.lora_experts import ExpertMixture, ExpertOptions
+
+    return ExpertMixture(model, ExpertOptions(r=2, alpha=4))
+
+
+def _segment_router(model):
+    from retain.strategies._lora import LoraOptions, wrap_with_lora
+    from retain.strategies.tf_lora import SegmentRouter, segment
+
+    router = SegmentRouter(wrap_with_lora(model, LoraOptions(r=2, alpha=4), adapter_name=segment(0)),
+                           model.config.hidden_size)
+    router.sums, router.counts = torch.randn(1, model.config.hidden_size), [1]  # one centroid: routing runs
+    return router
+
+
+@pytest.mark.parametrize("module, make", [("l2p", _prompt_pool), ("lora_experts", _expert_mixture),
+                                          ("tf_lora", _segment_router)])
+def test_wrappers_that_route_by_their_input_are_queried_by_the_prompt_not_the_scored_option(module, make,
+                                                                                          monkeypatch):
+    """Scoring an option appends it to the prompt; a wrapper that picks prompts, experts or
+    adapters by the input must still see the prompt alone (as in training and generation),
+    or each option of one item would be answered by a differently routed model."""
+    import importlib
+
+    from retain.embeddings import pooled_query
+    from retain.evaluation.scoring import encoded_logprobs
+    from retain.models import load_model
+
+    model, _ = load_model("tiny-random", seed=0)
+    wrapper = make(model.eval()).eval()
+    seen = []
+    target = importlib.import_module(f"retain.strategies.{module}")
+
+    def recording(*args, **kwargs):
+        seen.append(pooled_query(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(target, "pooled_query", recording)
+    prompt, option = [5, 6, 7, 8], [9, 10, 11]
+    ids = torch.tensor([prompt])
+    if module == "tf_lora":  # its query is taken inside the routing, with the adapters off
+        wrapper.routes(ids, torch.ones_like(ids))
+        alone = seen[-1]
+    else:
+        alone = wrapper.query(ids, torch.ones_like(ids), None)
+    seen.clear()
+    encoded_logprobs(wrapper, [(prompt + option, len(option)), (prompt + option[:1], 1)], pad=0)
+    assert len(seen) == 1 and seen[0].shape[0] == 2
+    for row in seen[0]:
+        assert torch.allclose(row, alone[0], atol=1e-5)

@@ -91,3 +91,44 @@ def test_l2p_run_scores_every_task_with_a_frozen_base(tiny_config):
             assert torch.equal(p.cpu(), fresh[name[len("base."):]]), name
     with pytest.raises(Exception, match="each task needs at least top_n=3"):
         execute(load_config(tiny_config("l2p-small", strategy="l2p", l2p={"pool_size": 4, "top_n": 3})), quiet=True)
+
+
+def test_each_task_trains_its_own_prompts_whatever_the_order_of_its_name(tiny_config, monkeypatch):
+    """The stream's tasks ('upper', then 'small') are not in alphabetical order, which is the
+    order torch.nn.ParameterDict keeps: the pool's rows must still be the training task's."""
+    from retain.config import load_config
+    from retain.loop import execute
+    from retain.strategies import l2p
+
+    snapshots: list[dict[str, torch.Tensor]] = []
+    pools: list[PromptPool] = []
+    init, after_task = PromptPool.__init__, L2P.after_task
+
+    def record(pool):
+        snapshots.append({n: p.detach().clone() for n, p in pool.named_parameters() if "_sets." in n})
+
+    def init_and_record(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        pools.append(self)
+        record(self)
+
+    def after_task_and_record(self, ctx, tasks):
+        after_task(self, ctx, tasks)
+        record(pools[0])
+
+    monkeypatch.setattr(l2p.PromptPool, "__init__", init_and_record)
+    monkeypatch.setattr(l2p.L2P, "after_task", after_task_and_record)
+    cfg = load_config(tiny_config("l2p-order", strategy="l2p", train__max_steps=3,
+                                  l2p={"pool_size": 4, "prompt_length": 2, "top_n": 1}))
+    execute(cfg, quiet=True)
+    pool = pools[0]
+    assert list(pool.owner) == ["upper", "small"] and list(pool.prompt_sets) == ["small", "upper"]
+    for name in pool.owner:
+        assert torch.equal(pool.prompts[pool.owner[name]], pool.prompt_sets[name])
+        assert torch.equal(pool.keys[pool.owner[name]], pool.key_sets[name])
+    start, after_upper, after_small = snapshots
+    for kind in ("prompt_sets", "key_sets"):
+        assert not torch.equal(after_upper[f"{kind}.upper"], start[f"{kind}.upper"]), kind
+        assert torch.equal(after_upper[f"{kind}.small"], start[f"{kind}.small"]), kind
+        assert not torch.equal(after_small[f"{kind}.small"], after_upper[f"{kind}.small"]), kind
+        assert torch.equal(after_small[f"{kind}.upper"], after_upper[f"{kind}.upper"]), kind

@@ -155,8 +155,12 @@ def encoded_logprobs(model, encoded: Sequence[tuple[list[int], int]], pad: int, 
             ends = [ids.shape[1]] * len(idx)
         else:
             ids, mask = right_pad(seqs, pad)
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
             offset, ends = 0, [len(s) for s in seqs]
+            query = mask.clone()  # the prompt alone: see ModelWrapper
+            for row, i in enumerate(idx):
+                query[row, ends[row] - encoded[i][1]:ends[row]] = 0
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                           query_mask=query.to(device)).logits
         rows, cols, targets, owner = [], [], [], []
         for row, i in enumerate(idx):
             n = encoded[i][1]

@@ -54,6 +54,9 @@ class PromptPool(ModelWrapper):
         emb = model.get_input_embeddings().weight
         d, scale = emb.shape[1], float(emb.detach().float().std())
         # One parameter pair per task: the optimizer of task t holds only task t's share.
+        # ParameterDict sorts the keys of a plain dict, so the pool is concatenated in stream
+        # order by name (``prompts``, ``keys``), never in the dicts' own order.
+        self.task_names = list(task_names)
         self.prompt_sets = torch.nn.ParameterDict({
             n: torch.nn.Parameter(torch.randn(per_task, options.prompt_length, d, dtype=emb.dtype) * scale)
             for n in task_names})
@@ -74,16 +77,18 @@ class PromptPool(ModelWrapper):
         out[where] = vectors.reshape(-1, out.shape[-1]).to(out.dtype)
         return out
 
-    def query(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        return pooled_query(self.base, input_ids, attention_mask, labels)
+    def query(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None,
+              query_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return pooled_query(self.base, input_ids, attention_mask, labels, query_mask)
 
     @property
     def prompts(self) -> torch.Tensor:
-        return torch.cat(list(self.prompt_sets.values()))
+        """The pool in stream order: rows ``owner[task]`` are that task's prompts."""
+        return torch.cat([self.prompt_sets[n] for n in self.task_names])
 
     @property
     def keys(self) -> torch.Tensor:
-        return torch.cat(list(self.key_sets.values()))
+        return torch.cat([self.key_sets[n] for n in self.task_names])
 
     def select(self, q: torch.Tensor) -> torch.Tensor:
         return self.select_from(q, self.keys)
@@ -115,10 +120,10 @@ class PromptPool(ModelWrapper):
         lab = spread(labels, -100) if labels is not None else None
         return ids, mask, lab, is_prompt
 
-    def _prepare(self, input_ids, attention_mask, labels):
+    def _prepare(self, input_ids, attention_mask, labels, query_mask=None):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        q = self.query(input_ids, attention_mask, labels)
+        q = self.query(input_ids, attention_mask, labels, query_mask)
         keys_all = self.keys
         chosen = self.select_from(q, keys_all)
         self.last_selection = chosen.detach()
@@ -128,8 +133,8 @@ class PromptPool(ModelWrapper):
         self._pending = (is_prompt, self.prompts[chosen])
         return ids, mask, lab, is_prompt
 
-    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
-        ids, mask, lab, is_prompt = self._prepare(input_ids, attention_mask, labels)
+    def forward(self, input_ids=None, attention_mask=None, labels=None, query_mask=None, **kwargs):
+        ids, mask, lab, is_prompt = self._prepare(input_ids, attention_mask, labels, query_mask)
         out = self.base(input_ids=ids, attention_mask=mask, labels=lab, **kwargs)
         b, t = input_ids.shape
         out.logits = out.logits[~is_prompt].view(b, t, -1)  # callers index logits by their own columns

@@ -129,9 +129,9 @@ class ExpertMixture(ModelWrapper):
         self._set(None)
         return embed_texts(self.base, tokenizer, texts, batch_size)
 
-    def query(self, input_ids, attention_mask, labels) -> torch.Tensor:
+    def query(self, input_ids, attention_mask, labels, query_mask=None) -> torch.Tensor:
         self._set(None)  # the frozen base: no expert active
-        return pooled_query(self.base, input_ids, attention_mask, labels)
+        return pooled_query(self.base, input_ids, attention_mask, labels, query_mask)
 
     def route(self, q: torch.Tensor) -> list[str]:
         """The expert of each row's nearest centroid (the training task's clusters while it trains)."""
@@ -143,10 +143,10 @@ class ExpertMixture(ModelWrapper):
             sims = sims.masked_fill(~allowed, float("-inf"))
         return [self.cluster_expert[i] for i in sims.argmax(1).tolist()]
 
-    def _gates(self, input_ids, attention_mask, labels) -> None:
+    def _gates(self, input_ids, attention_mask, labels, query_mask=None) -> None:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        routes = self.route(self.query(input_ids, attention_mask, labels))
+        routes = self.route(self.query(input_ids, attention_mask, labels, query_mask))
         self.last_routes = routes
         b, dev = input_ids.shape[0], input_ids.device
         gates = {UNIVERSAL: torch.ones(b, device=dev)} if self.options.universal else {}
@@ -154,8 +154,8 @@ class ExpertMixture(ModelWrapper):
             gates[name] = torch.tensor([1.0 if r == name else 0.0 for r in routes], device=dev)
         self._set(gates)
 
-    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
-        self._gates(input_ids, attention_mask, labels)
+    def forward(self, input_ids=None, attention_mask=None, labels=None, query_mask=None, **kwargs):
+        self._gates(input_ids, attention_mask, labels, query_mask)
         return self.base(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
 
     @torch.no_grad()

@@ -77,24 +77,24 @@ class SegmentRouter(ModelWrapper):
                 p.requires_grad_(flag)
 
     @torch.no_grad()
-    def routes(self, input_ids, attention_mask) -> list[str]:
+    def routes(self, input_ids, attention_mask, query_mask=None) -> list[str]:
         names, centroids = self.centroids()
         if not names:
             return [BASE] * input_ids.shape[0]
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         with self.base_only():
-            q = pooled_query(self.base, input_ids, attention_mask)
+            q = pooled_query(self.base, input_ids, attention_mask, query_mask=query_mask)
         return [names[i] for i in (q @ centroids.to(q.device).T).argmax(1).tolist()]
 
-    def _routed(self, input_ids, attention_mask, kwargs: dict) -> dict:
+    def _routed(self, input_ids, attention_mask, kwargs: dict, query_mask=None) -> dict:
         if self.training or input_ids is None:
             return kwargs
-        self.last_routes = self.routes(input_ids, attention_mask)
+        self.last_routes = self.routes(input_ids, attention_mask, query_mask)
         return {**kwargs, "adapter_names": self.last_routes}
 
-    def forward(self, input_ids=None, attention_mask=None, **kwargs):
-        kwargs = self._routed(input_ids, attention_mask, kwargs)
+    def forward(self, input_ids=None, attention_mask=None, query_mask=None, **kwargs):
+        kwargs = self._routed(input_ids, attention_mask, kwargs, query_mask)
         return self.base(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     @torch.no_grad()

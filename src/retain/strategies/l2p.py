@@ -55,8 +55,7 @@ class PromptPool(ModelWrapper):
         d, scale = emb.shape[1], float(emb.detach().float().std())
         # One parameter pair per task: the optimizer of task t holds only task t's share.
         # ParameterDict sorts the keys of a plain dict, so the pool is concatenated in stream
-        # order by name (``prompts``, ``keys``), never in the dicts' own order.
-        self.task_names = list(task_names)
+        # order (``owner``'s, see ``prompts``), never in the dicts' own order.
         self.prompt_sets = torch.nn.ParameterDict({
             n: torch.nn.Parameter(torch.randn(per_task, options.prompt_length, d, dtype=emb.dtype) * scale)
             for n in task_names})
@@ -84,11 +83,11 @@ class PromptPool(ModelWrapper):
     @property
     def prompts(self) -> torch.Tensor:
         """The pool in stream order: rows ``owner[task]`` are that task's prompts."""
-        return torch.cat([self.prompt_sets[n] for n in self.task_names])
+        return torch.cat([self.prompt_sets[n] for n in self.owner])
 
     @property
     def keys(self) -> torch.Tensor:
-        return torch.cat([self.key_sets[n] for n in self.task_names])
+        return torch.cat([self.key_sets[n] for n in self.owner])
 
     def select(self, q: torch.Tensor) -> torch.Tensor:
         return self.select_from(q, self.keys)

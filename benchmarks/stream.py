@@ -95,6 +95,20 @@ SAME_AS = {"budget-reservoir-200": "stream/lora-replay", "budget-coreset-200": "
            "budget-surprise-200": "architecture/lora-replay-surprise"}
 
 
+#: Suites first measured (2026-11-24 to 11-28) when `eval.probe: true` meant the `facts` probe: a run
+#: of theirs scores that probe by name, so a re-measured row stays comparable with the rest of its table.
+FACTS_PROBE_SUITES = {"engine", "regularization", "cpt", "architecture", "replay-budget"}
+
+
+def shared_result(suite: str, name: str) -> Path | None:
+    """The results file of a run another suite measured with the same config, if there is one."""
+    if name in REUSED.get(suite, ()) and (reused := RESULTS / "stream" / f"{name}.json").is_file():
+        return reused  # the same config, measured by the engine suite
+    if name in SAME_AS and (same := RESULTS / f"{SAME_AS[name]}.json").is_file():
+        return same
+    return None
+
+
 def command(name: str) -> tuple[str, list[str]]:
     """The config a run uses and its overrides (budget runs are lora-replay with a policy and size)."""
     if name.startswith("budget-"):
@@ -206,12 +220,8 @@ def main() -> None:
     loads = load_times() if args.suite == "engine" else None
     results = {}
     for name in (args.only.split(",") if args.only else SUITES[args.suite]):
-        reused = RESULTS / "stream" / f"{name}.json"
-        if name in REUSED.get(args.suite, ()) and reused.is_file():
-            results[name] = load_results(reused)  # the same config, measured by the engine suite
-            continue
-        if name in SAME_AS and (RESULTS / f"{SAME_AS[name]}.json").is_file():
-            results[name] = load_results(RESULTS / f"{SAME_AS[name]}.json")
+        if (shared := shared_result(args.suite, name)) is not None:
+            results[name] = load_results(shared)
             continue
         kept = RESULTS / folder / f"{name}.json"
         if args.summarize_only or (args.suite in ("privacy", "online") and kept.is_file()):
@@ -222,6 +232,8 @@ def main() -> None:
         # whose process went away resumes from its last checkpoint.
         start = time.perf_counter()
         config, overrides = command(name)
+        if args.suite in FACTS_PROBE_SUITES:
+            overrides = [*overrides, "eval.probe=facts"]
         retain, run_dir = str(Path(sys.executable).parent / "retain"), Path(args.out) / name
         if (run_dir / "checkpoints" / "state.json").is_file() and not (run_dir / "results.json").is_file():
             cmd = [retain, "run", "--resume", str(run_dir), "--quiet"]
@@ -235,7 +247,7 @@ def main() -> None:
     if args.only and args.suite != "engine":
         # The summary covers every finished run of the suite, not only those this call ran.
         for name in SUITES[args.suite]:
-            kept = RESULTS / folder / f"{name}.json"
+            kept = shared_result(args.suite, name) or RESULTS / folder / f"{name}.json"
             if name not in results and kept.is_file():
                 results[name] = load_results(kept)
         results = {n: results[n] for n in SUITES[args.suite] if n in results}

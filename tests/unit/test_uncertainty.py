@@ -199,3 +199,10 @@ def test_the_command_line_runs_seeds_and_resumes_them(tiny_config, tmp_path):
     (folder / "report.md").unlink()
     report = CliRunner().invoke(app, ["report", str(folder)], catch_exceptions=False)
     assert report.exit_code == 0 and (folder / "report.md").read_text().startswith("# cli over seeds 3, 4")
+
+
+def test_a_value_that_rounds_to_zero_is_printed_without_a_minus_sign():
+    from retain.reporting.report import fmt
+
+    assert fmt(-1e-15) == "0.0" and fmt(-0.0, signed=True) == "+0.0"
+    assert fmt(-0.04) == "0.0" and fmt(-0.06) == "-0.1" and fmt(2.25, 1, signed=True) == "+2.2"

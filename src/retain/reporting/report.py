@@ -14,6 +14,7 @@ from retain.reporting import plots
 def fmt(x: float | None, nd: int = 1, signed: bool = False) -> str:
     if x is None:
         return "n/a"
+    x = round(x, nd) + 0.0  # a metric of -1e-15 (or -0.0) reads 0.0, not -0.0
     return f"{x:+.{nd}f}" if signed else f"{x:.{nd}f}"
 
 
